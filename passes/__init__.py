@@ -1,0 +1,17 @@
+"""The sixbit FX passes, one per file, in the order the pass manager runs them.
+
+Each pass is ``pass_fn(gm: torch.fx.GraphModule, ctx: CompileContext) -> None``
+and states its contract in its module docstring. Switch one off with
+``options={"passes": {"<name>": False}}``.
+"""
+
+from .find_blocks import find_blocks
+from .quantize_linears import quantize_linears
+
+#: name -> pass, in execution order.
+PASS_REGISTRY = {
+    "find_blocks": find_blocks,
+    "quantize_linears": quantize_linears,
+}
+
+__all__ = ["PASS_REGISTRY", "find_blocks", "quantize_linears"]

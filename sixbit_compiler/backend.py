@@ -1,0 +1,141 @@
+"""The ``sixbit`` Dynamo backend.
+
+``torch.compile(model, backend="sixbit", options={...})`` resolves here through
+the ``torch_dynamo_backends`` entry point. For each graph Dynamo captures:
+
+1. parse ``options`` into :class:`SixbitOptions` (bad keys/values raise, naming the key);
+2. find (or create) the model's :class:`SixbitRuntime`;
+3. run the passes (``passes/``) through the pass manager, dumping every stage;
+4. release the bf16 storage of the weights that were quantized;
+5. lower the transformed graph (eager Python or Inductor) and hand Dynamo a
+   callable that goes through the runtime on every call.
+
+If a pass fails on a first compile, the graph falls back to running unquantized,
+with one error log line, and nothing is released. (On a recompile whose weights
+were already released there is no unquantized path left, so the error is raised.)
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+
+import torch
+import torch.fx as fx
+
+from .context import CompileContext
+from .dump import DumpWriter
+from .options import SixbitOptions
+from .pass_manager import PassManager
+from .runtime import runtime_for_inputs
+from .weight_store import STORE
+
+log = logging.getLogger("sixbit")
+_compile_counter = itertools.count()
+
+
+def _compile_id(gm: fx.GraphModule) -> str:
+    cid = gm.meta.get("dynamo_compile_id")
+    frame = f"_frame{cid.frame_id}-{cid.frame_compile_id}" if cid is not None else ""
+    return f"{next(_compile_counter):03d}{frame}"
+
+
+def _model_label(ctx: CompileContext) -> str:
+    """Names the model by its blocks (Dynamo does not pass the root module's class)."""
+    if not ctx.blocks:
+        return "model without transformer blocks"
+    classes = {}
+    for b in ctx.blocks:
+        classes[b.cls] = classes.get(b.cls, 0) + 1
+    return ", ".join(f"{n} x {c}" for c, n in classes.items())
+
+
+def build_pipeline(options: SixbitOptions) -> PassManager:
+    from .passes import PASS_REGISTRY
+
+    return PassManager(list(PASS_REGISTRY.items()))
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule with its own copy of the graph (node meta copied shallowly).
+
+    Dynamo keeps using the graph it hands over, so passes must never mutate it.
+    """
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return fx.GraphModule(gm, graph)
+
+
+def sixbit_backend(gm: fx.GraphModule, example_inputs, options=None, **kwargs):
+    """Dynamo backend entry point (see the module docstring)."""
+    dynamo_gm, gm = gm, copy_graph_module(gm)
+    if kwargs.get("mode") not in (None, "default"):
+        log.warning("sixbit: torch.compile(mode=%r) is ignored by the sixbit backend", kwargs["mode"])
+    opts = SixbitOptions.from_dict(options)
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    runtime = runtime_for_inputs(example_inputs, opts)
+    runtime.compiles += 1
+    compile_id = _compile_id(gm)
+    ctx = CompileContext.for_graph(gm, example_inputs, opts, runtime=runtime, compile_id=compile_id)
+
+    already_released = [p for p in example_inputs if isinstance(p, torch.Tensor) and STORE.is_released(p)]
+    dump = DumpWriter(opts.dump_dir, compile_id) if opts.dump_dir else None
+    t0 = time.perf_counter()
+    try:
+        records = build_pipeline(opts).run(gm, ctx, dump)
+    except Exception as exc:
+        if already_released:
+            raise RuntimeError(
+                "sixbit: recompiling a model whose weights were already released failed; there is no "
+                "unquantized path to fall back to."
+            ) from exc
+        log.error("sixbit: compile %s failed (%s: %s); running this graph unquantized", compile_id, type(exc).__name__, exc)
+        return dynamo_gm.forward
+    runtime.block_names = [b.name for b in ctx.blocks] or runtime.block_names
+    name = _model_label(ctx)
+    runtime.name = name
+
+    released = STORE.release(ctx.weights_to_release) if opts.free_weights else 0
+    specs = ctx.ordered_specs(gm)
+    compiled = _lower(gm, ctx, specs, opts)
+    seconds = time.perf_counter() - t0
+
+    n_quant = sum(1 for li in ctx.linears if li.status == "quantized")
+    log.info(
+        "sixbit: compiled %s: %d blocks, %d/%d linears quantized (%s activations), %.1f MB released, %.2fs",
+        compile_id, len(ctx.blocks), n_quant, len(ctx.linears), opts.activation, released / 2**20, seconds,
+    )
+    if dump:
+        dump.write_index(
+            ctx,
+            records,
+            {
+                "model": name,
+                "blocks": len(ctx.blocks),
+                "linears quantized": f"{n_quant} of {len(ctx.linears)}",
+                "bf16 bytes released": released,
+                "lowering": opts.lowering,
+                "compile seconds": f"{seconds:.2f}",
+                "graph inputs": f"{len(placeholders)} from Dynamo -> {len(specs)} after passes",
+            },
+        )
+    return runtime.wrap(compiled, specs, placeholders)
+
+
+def _lower(gm: fx.GraphModule, ctx: CompileContext, specs, opts: SixbitOptions):
+    if opts.lowering == "eager":
+        return gm
+    from torch._inductor.compile_fx import compile_fx
+
+    from .weight_store import STORE as store
+
+    inputs = []
+    for s in specs:
+        if s.kind == "arg":
+            inputs.append(ctx.example_inputs[s.index])
+        elif s.kind == "qweight":
+            inputs.append(getattr(store.get(ctx.example_inputs[s.index]), s.field))
+        else:
+            inputs.append(ctx.runtime.precision_slots)
+    return compile_fx(gm, inputs)

@@ -1,0 +1,31 @@
+"""Helpers shared by the format modules."""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def as_fp32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 copy of ``x`` with ±Inf saturated to the largest finite value of x's dtype."""
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"sixbit formats take float32/float16/bfloat16 tensors, got {x.dtype}")
+    limit = torch.finfo(x.dtype).max
+    x = x.to(torch.float32)
+    return torch.nan_to_num(x, nan=float("nan"), posinf=limit, neginf=-limit)
+
+
+def pad_last(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad the last dimension of ``x`` up to a multiple of ``multiple``."""
+    k = x.shape[-1]
+    padded = -(-k // multiple) * multiple
+    if padded == k:
+        return x
+    return torch.nn.functional.pad(x, (0, padded - k))
+
+
+def nan_free_abs(x: torch.Tensor) -> torch.Tensor:
+    """|x| with NaN replaced by 0, for amax reductions that must ignore NaN."""
+    a = x.abs()
+    return torch.where(torch.isnan(a), torch.zeros_like(a), a)

@@ -1,0 +1,48 @@
+"""The ``sixbit::quantized_linear`` custom op that ``quantize_linears`` inserts.
+
+It is a ``torch.library`` custom op, so Inductor and AOTAutograd treat it as an
+opaque kernel with a known output shape (the fake implementation), and it
+passes ``torch.library.opcheck``.
+
+Its precision is not a compile-time constant: the op reads it from
+``precision_slots[slot]``, a small CPU int8 tensor that the runtime writes once
+per model call. One compiled graph therefore serves every precision schedule
+without recompiling, and reading the slot never syncs the GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .formats import Precision
+from .reference import quantized_linear_reference
+
+
+@torch.library.custom_op("sixbit::quantized_linear", mutates_args=())
+def quantized_linear(
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    w_block_scales: torch.Tensor,
+    w_tensor_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    precision_slots: torch.Tensor,
+    slot: int,
+    in_features: int,
+    hadamard: bool,
+) -> torch.Tensor:
+    """y = x · W_nvfp4ᵀ + bias, activations at precision ``precision_slots[slot]``."""
+    precision = Precision(int(precision_slots[slot]))
+    return quantized_linear_reference(
+        x, w_packed, w_block_scales, w_tensor_scale, bias, precision, in_features, hadamard
+    )
+
+
+@quantized_linear.register_fake
+def _quantized_linear_fake(x, w_packed, w_block_scales, w_tensor_scale, bias, precision_slots, slot, in_features, hadamard):
+    torch._check(x.shape[-1] == in_features, lambda: f"quantized_linear: expected {in_features} input features")
+    return x.new_empty((*x.shape[:-1], w_packed.shape[0]))
+
+
+QUANTIZED_LINEAR = torch.ops.sixbit.quantized_linear.default

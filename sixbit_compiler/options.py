@@ -1,0 +1,114 @@
+"""Typed options of the sixbit backend.
+
+``torch.compile(model, backend="sixbit", options={...})`` hands the dict to
+:func:`SixbitOptions.from_dict`, which rejects unknown keys and bad values with an
+error that names the key. ``docs/options.md`` documents every field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping
+
+from .formats import Precision
+
+DUMP_DIR_ENV = "SIXBIT_DUMP_DIR"
+LOWERINGS = ("eager", "inductor")
+
+
+class SixbitOptionError(ValueError):
+    """A bad key or value in ``options=``; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SixbitOptions:
+    #: Where to dump each compile (graph per pass, index page). ``SIXBIT_DUMP_DIR``
+    #: sets it when the option is absent. ``None`` disables dumps.
+    dump_dir: str | None = None
+    #: Activation precision of every quantized linear: "nvfp4", "int8" or "bf16".
+    #: ("dynamic", the per-step DMPQ policy, arrives with the method issue.)
+    activation: str = "int8"
+    #: Glob patterns over module paths (e.g. "blocks.*.ffn.*"). When given, only
+    #: matching linear layers are quantized, inside transformer blocks or not.
+    #: When empty, every linear layer inside a transformer block is a candidate.
+    include: tuple[str, ...] = ()
+    #: Glob patterns over module paths that are never quantized.
+    exclude: tuple[str, ...] = ()
+    #: Rotate activations and weights by a 128-block Hadamard before quantizing.
+    hadamard: bool = False
+    #: Switch passes on or off by name, e.g. {"quantize_linears": False}.
+    passes: Mapping[str, bool] = dataclasses.field(default_factory=dict)
+    #: Release the bf16 storage of quantized weights after compile (the memory win).
+    #: False keeps them, e.g. to run the original module eagerly for comparisons.
+    free_weights: bool = True
+    #: What runs the transformed graph: "eager" (FX interpreter-free Python code,
+    #: easy to debug) or "inductor" (torch._inductor.compile_fx).
+    lowering: str = "eager"
+    #: Name of the graph input holding the diffusion timestep (used to track the
+    #: denoising step and new generations). None: found by name ("timestep", "t").
+    timestep_input: str | None = None
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any] | None) -> "SixbitOptions":
+        options = dict(options or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise SixbitOptionError(
+                f"sixbit: unknown option(s) {', '.join(map(repr, unknown))}; valid options: {', '.join(sorted(known))}"
+            )
+        if options.get("dump_dir") is None and os.environ.get(DUMP_DIR_ENV):
+            options["dump_dir"] = os.environ[DUMP_DIR_ENV]
+        for key in ("include", "exclude"):
+            if key in options:
+                options[key] = _as_patterns(key, options[key])
+        opts = cls(**options)
+        opts.validate()
+        return opts
+
+    def validate(self) -> None:
+        def bad(key: str, why: str) -> SixbitOptionError:
+            return SixbitOptionError(f"sixbit: option {key!r}: {why} (got {getattr(self, key)!r})")
+
+        if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):
+            raise bad("dump_dir", "must be a path string or None")
+        if not isinstance(self.activation, str):
+            raise bad("activation", "must be a string")
+        if self.activation == "dynamic":
+            raise bad("activation", "'dynamic' (DMPQ) is not implemented yet; use 'nvfp4', 'int8' or 'bf16'")
+        try:
+            Precision.parse(self.activation)
+        except ValueError:
+            raise bad("activation", "must be one of 'nvfp4', 'int8', 'bf16'") from None
+        for key in ("hadamard", "free_weights"):
+            if not isinstance(getattr(self, key), bool):
+                raise bad(key, "must be a bool")
+        if not isinstance(self.passes, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, bool) for k, v in self.passes.items()
+        ):
+            raise bad("passes", "must map pass names to bools, e.g. {'quantize_linears': False}")
+        from .passes import PASS_REGISTRY  # late import: passes import options
+
+        unknown = sorted(set(self.passes) - set(PASS_REGISTRY))
+        if unknown:
+            raise bad("passes", f"unknown pass name(s) {unknown}; passes are {list(PASS_REGISTRY)}")
+        if self.lowering not in LOWERINGS:
+            raise bad("lowering", f"must be one of {LOWERINGS}")
+        if self.timestep_input is not None and not isinstance(self.timestep_input, str):
+            raise bad("timestep_input", "must be a graph input name or None")
+
+    @property
+    def precision(self) -> Precision:
+        return Precision.parse(self.activation)
+
+    def pass_enabled(self, name: str) -> bool:
+        return self.passes.get(name, True)
+
+
+def _as_patterns(key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise SixbitOptionError(f"sixbit: option {key!r}: must be a glob string or a list of them (got {value!r})")

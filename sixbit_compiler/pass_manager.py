@@ -1,0 +1,62 @@
+"""Runs the passes in order, lints after each, records op counts, and dumps.
+
+A pass is a function ``pass_fn(gm, ctx) -> None`` that rewrites ``gm.graph`` in
+place. Each lives in its own file under ``passes/`` with a docstring contract.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Callable
+
+import torch.fx as fx
+
+from .context import CompileContext
+from .dump import DumpWriter
+from .fx_utils import op_counts
+
+log = logging.getLogger("sixbit")
+
+PassFn = Callable[[fx.GraphModule, CompileContext], None]
+
+
+@dataclasses.dataclass
+class PassRecord:
+    name: str
+    status: str  # "ran" | "disabled"
+    seconds: float
+    counts_before: dict[str, int]
+    counts_after: dict[str, int]
+    dump_file: str | None = None
+
+    def delta(self) -> dict[str, int]:
+        keys = set(self.counts_before) | set(self.counts_after)
+        d = {k: self.counts_after.get(k, 0) - self.counts_before.get(k, 0) for k in keys}
+        return {k: v for k, v in sorted(d.items()) if v}
+
+
+class PassManager:
+    def __init__(self, passes: list[tuple[str, PassFn]]):
+        self.passes = passes
+
+    def run(self, gm: fx.GraphModule, ctx: CompileContext, dump: DumpWriter | None = None) -> list[PassRecord]:
+        records: list[PassRecord] = []
+        if dump:
+            dump.write_graph("captured", gm, ctx)
+        for name, fn in self.passes:
+            before = op_counts(gm.graph)
+            if not ctx.options.pass_enabled(name):
+                records.append(PassRecord(name, "disabled", 0.0, before, before))
+                log.debug("sixbit: pass %s disabled by options", name)
+                continue
+            t0 = time.perf_counter()
+            fn(gm, ctx)
+            gm.graph.lint()
+            gm.recompile()
+            rec = PassRecord(name, "ran", time.perf_counter() - t0, before, op_counts(gm.graph))
+            if dump:
+                rec.dump_file = dump.write_graph(name, gm, ctx)
+            records.append(rec)
+        return records

@@ -1,0 +1,374 @@
+"""The sixbit runtime: one per compiled model.
+
+It sits between Dynamo and the transformed graph. On every model call it
+
+1. works out where the call sits in the sampling loop (:class:`StepTracker`):
+   the generation, the denoising step, and the CFG branch;
+2. takes the once-per-call decision: it fills the precision-slot tensor that
+   every ``sixbit::quantized_linear`` reads (static policy: the ``activation``
+   option). All device values the decision needs are read in **one**
+   device-to-host transfer (today: the timestep; with the dynamic policy, also
+   the block statistics of the previous call), so a call costs at most one sync;
+3. assembles the graph's inputs: Dynamo's arguments, minus released weights,
+   plus each quantized weight looked up by the Parameter that arrived;
+4. records what ran, for :func:`stats`.
+
+A runtime is found again from any Parameter of its model, so recompiles (new
+resolution) share it, and two compiled models never share one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import weakref
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .context import InputSpec
+from .formats import Precision
+from .options import SixbitOptions
+from .weight_store import STORE
+
+log = logging.getLogger("sixbit")
+
+
+@dataclasses.dataclass
+class CallRecord:
+    generation: int
+    step: int
+    branch: int
+    timestep: float | None
+    batch: int | None
+    precisions: bytes  # one Precision code per slot, as used by this call
+
+
+class StepTracker:
+    """Generation / step / CFG-branch bookkeeping from the timestep and the conditioning tensor.
+
+    Rules (timesteps decrease within a generation in every diffusers sampler):
+
+    * first call, or the timestep goes back up: a new generation;
+    * the same timestep as the previous call: the next CFG branch of the same step
+      (Wan's pipeline calls the model once per branch) -- unless the same
+      conditioning tensor comes again at this step, which means a restart;
+    * a lower timestep: the next step, unless a conditioning tensor never seen in
+      this generation arrives, which means a new prompt, hence a new generation.
+
+    Batched CFG (CogVideoX) shows up as branch 0 with batch 2. Without a timestep
+    input every call is its own step; :meth:`reset` starts a generation explicitly.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.generation = -1
+        self.step = -1
+        self.branch = 0
+        self.last_t: float | None = None
+        self._gen_conds: set[int] = set()
+        self._step_conds: set[int] = set()
+        self._pending_new_generation = True
+
+    def advance(self, t: float | None, cond_key: int | None) -> bool:
+        """Place one call; returns True if it starts a new generation."""
+        new_gen = self._pending_new_generation
+        if not new_gen:
+            if t is None or self.last_t is None:
+                self._next_step()
+            elif t > self.last_t:
+                new_gen = True
+            elif t == self.last_t:
+                if cond_key is not None and cond_key in self._step_conds:
+                    new_gen = True
+                else:
+                    self.branch += 1
+            elif cond_key is not None and cond_key not in self._gen_conds:
+                new_gen = True
+            else:
+                self._next_step()
+        if new_gen:
+            self.generation += 1
+            self.step, self.branch = 0, 0
+            self._gen_conds, self._step_conds = set(), set()
+            self._pending_new_generation = False
+        self.last_t = t
+        if cond_key is not None:
+            self._gen_conds.add(cond_key)
+            self._step_conds.add(cond_key)
+        return new_gen
+
+    def _next_step(self) -> None:
+        self.step, self.branch = self.step + 1, 0
+        self._step_conds = set()
+
+
+class SixbitRuntime:
+    def __init__(self, options: SixbitOptions, name: str = "model"):
+        self.options = options
+        self.name = name
+        self.slot_names: list[str] = []
+        self.slot_blocks: list[str | None] = []
+        self._slot_index: dict[str, int] = {}
+        self.precision_slots = torch.zeros(0, dtype=torch.int8)
+        self.tracker = StepTracker()
+        self.records: list[CallRecord] = []
+        self.syncs = 0
+        self.compiles = 0
+        self.block_names: list[str] = []
+        self._lock = threading.Lock()
+
+    # ---- compile time -------------------------------------------------------------
+    def slot_for(self, layer: str, block: str | None) -> int:
+        """Stable precision slot for a layer path (the same across recompiles)."""
+        if layer not in self._slot_index:
+            self._slot_index[layer] = len(self.slot_names)
+            self.slot_names.append(layer)
+            self.slot_blocks.append(block)
+            slots = torch.full((len(self.slot_names),), int(self.options.precision), dtype=torch.int8)
+            slots[: self.precision_slots.numel()] = self.precision_slots
+            self.precision_slots = slots
+        return self._slot_index[layer]
+
+    def wrap(self, compiled: Callable, specs: Sequence[InputSpec], dynamo_names: Sequence[str]) -> Callable:
+        """The callable handed back to Dynamo: Dynamo's args in, the graph's outputs out."""
+        t_index = _find_input(dynamo_names, self.options.timestep_input or ("timestep", "timesteps", "t"))
+        cond_index = _find_input(dynamo_names, ("encoder_hidden_states", "context", "cond", "y"))
+        x_index = _find_input(dynamo_names, ("hidden_states", "x", "latents", "sample"))
+        resolve = _InputResolver(specs, self)
+
+        def sixbit_call(*args):
+            self.begin_call(
+                args[t_index] if t_index is not None else None,
+                args[cond_index] if cond_index is not None else None,
+                args[x_index] if x_index is not None else None,
+            )
+            return compiled(*resolve(args))
+
+        sixbit_call._sixbit_runtime = self  # type: ignore[attr-defined]
+        return sixbit_call
+
+    # ---- per call -------------------------------------------------------------------
+    def begin_call(self, timestep, cond, hidden) -> None:
+        """The once-per-call decision point (at most one device-to-host sync)."""
+        t = None
+        if isinstance(timestep, torch.Tensor) and timestep.numel() > 0:
+            if timestep.device.type != "cpu":
+                self.syncs += 1  # the single transfer of this call
+            t = float(timestep.reshape(-1)[0].item())
+        elif isinstance(timestep, (int, float)):
+            t = float(timestep)
+        cond_key = cond.data_ptr() if isinstance(cond, torch.Tensor) else None
+        with self._lock:
+            new_gen = self.tracker.advance(t, cond_key)
+            if new_gen and self.records:
+                self._log_generation_summary(self.records[-1].generation)
+            self.decide()
+            batch = int(hidden.shape[0]) if isinstance(hidden, torch.Tensor) and hidden.dim() > 0 else None
+            self.records.append(
+                CallRecord(
+                    self.tracker.generation, self.tracker.step, self.tracker.branch, t, batch,
+                    self.precision_slots.numpy().tobytes(),
+                )
+            )
+
+    def decide(self) -> None:
+        """Set every precision slot for this call. Static policy: the ``activation`` option."""
+        self.precision_slots.fill_(int(self.options.precision))
+
+    def reset(self) -> None:
+        """Forget all per-generation state: the next call starts a new generation."""
+        with self._lock:
+            self.tracker.reset()
+
+    def _log_generation_summary(self, generation: int) -> None:
+        s = summarize([r for r in self.records if r.generation == generation], self)
+        log.info(
+            "sixbit: generation %d of %s: %d calls, %d steps, precision %s, avg activation bits %.2f, syncs/call %.2f",
+            generation, self.name, s["calls"], s["steps"], s["precision_counts"], s["avg_activation_bits"], s["syncs_per_call"],
+        )
+
+
+class _InputResolver:
+    """Maps Dynamo's args to the transformed graph's inputs, caching the weight lookups."""
+
+    def __init__(self, specs: Sequence[InputSpec], runtime: SixbitRuntime):
+        self.specs = list(specs)
+        self.runtime = runtime
+        self.weight_arg_indices = sorted({s.index for s in self.specs if s.kind == "qweight"})
+        self._cached_params: list[Any] | None = None
+        self._cached_weights: dict[int, Any] = {}
+
+    def __call__(self, args) -> list[Any]:
+        params = [args[i] for i in self.weight_arg_indices]
+        if self._cached_params is None or any(a is not b for a, b in zip(params, self._cached_params)):
+            weights = {}
+            for i in self.weight_arg_indices:
+                qw = STORE.get(args[i])
+                if qw is None:
+                    raise RuntimeError(
+                        "sixbit: a Parameter reaching a compiled graph has no quantized weight in the store "
+                        f"(Dynamo input {i}, shape {tuple(args[i].shape)}). Was the model's weight replaced after compile?"
+                    )
+                weights[i] = qw
+            self._cached_params, self._cached_weights = params, weights
+        out = []
+        for s in self.specs:
+            if s.kind == "arg":
+                out.append(args[s.index])
+            elif s.kind == "qweight":
+                out.append(getattr(self._cached_weights[s.index], s.field))
+            else:
+                out.append(self.runtime.precision_slots)
+        return out
+
+
+def _find_input(names: Sequence[str], wanted) -> int | None:
+    wanted = (wanted,) if isinstance(wanted, str) else tuple(wanted)
+    cleaned = [_clean_input_name(n) for n in names]
+    for w in wanted:
+        for i, n in enumerate(cleaned):
+            if n == w:
+                return i
+    return None
+
+
+def _clean_input_name(name: str) -> str:
+    for prefix in ("l_kwargs_", "l_args_", "l_"):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+            break
+    return name.rstrip("_")
+
+
+# ---- registry: model -> runtime -------------------------------------------------------
+_OWNERS: dict[int, tuple[weakref.ref, SixbitRuntime]] = {}
+
+
+def runtime_for_inputs(example_inputs, options: SixbitOptions) -> SixbitRuntime:
+    """The runtime that owns these Parameters (a recompile), or a new one."""
+    params = [p for p in example_inputs if isinstance(p, torch.nn.Parameter)]
+    for p in params:
+        entry = _OWNERS.get(id(p))
+        if entry is not None and entry[0]() is p:
+            rt = entry[1]
+            if rt.options != options:
+                raise ValueError(
+                    "sixbit: this model was already compiled with different options; "
+                    f"was {rt.options}, now {options}. Its weights are quantized (and possibly released) "
+                    "under the first options."
+                )
+            break
+    else:
+        rt = SixbitRuntime(options)
+    for p in params:
+        key = id(p)
+        _OWNERS[key] = (weakref.ref(p, lambda _r, key=key: _OWNERS.pop(key, None)), rt)
+    return rt
+
+
+def runtime_of(model: torch.nn.Module) -> SixbitRuntime:
+    """The runtime of a model compiled with backend='sixbit' (the compiled or the original module)."""
+    for p in model.parameters():
+        entry = _OWNERS.get(id(p))
+        if entry is not None and entry[0]() is p:
+            return entry[1]
+    raise LookupError(
+        "sixbit: this model has no sixbit runtime: it was not compiled with backend='sixbit', "
+        "or it has not been called yet (torch.compile compiles on the first call)."
+    )
+
+
+def summarize(records: list[CallRecord], rt: SixbitRuntime) -> dict:
+    counts = {p.name.lower(): 0 for p in Precision}
+    for r in records:
+        for code in r.precisions:
+            counts[Precision(code).name.lower()] += 1
+    total = sum(counts.values())
+    bits = sum(Precision[k.upper()].bits * v for k, v in counts.items()) / total if total else 0.0
+    steps = {(r.generation, r.step) for r in records}
+    return {
+        "calls": len(records),
+        "steps": len(steps),
+        "precision_counts": counts,
+        "avg_activation_bits": bits,
+        "skip_rate": 0.0,
+        "skipped_blocks": 0,
+        "syncs_per_call": (rt.syncs / len(rt.records)) if rt.records else 0.0,
+    }
+
+
+def stats(model: torch.nn.Module) -> dict:
+    """What the compiled model ran: a summary plus one entry per model call.
+
+    ``summary``: calls, generations, steps, ``precision_counts`` (layer-calls per
+    precision), ``avg_activation_bits`` over computed layers, ``skip_rate`` (0 until
+    the block cache lands), ``syncs_per_call``, compiles, quantized layers and blocks.
+    ``calls``: per call, its generation, step, CFG branch, timestep, batch and the
+    precision of every quantized layer.
+    """
+    rt = runtime_of(model)
+    summary = summarize(rt.records, rt)
+    summary.update(
+        generations=rt.tracker.generation + 1,
+        compiles=rt.compiles,
+        quantized_layers=len(rt.slot_names),
+        blocks=len(rt.block_names),
+        cache_bytes=0,
+    )
+    calls = [
+        {
+            "generation": r.generation,
+            "step": r.step,
+            "branch": r.branch,
+            "timestep": r.timestep,
+            "batch": r.batch,
+            "layers": {name: Precision(code).name.lower() for name, code in zip(rt.slot_names, r.precisions)},
+        }
+        for r in rt.records
+    ]
+    return {"summary": summary, "calls": calls, "layers": list(rt.slot_names), "blocks": list(rt.block_names)}
+
+
+def reset(model: torch.nn.Module) -> None:
+    """Start a new generation on the next call (e.g. after an interrupted one)."""
+    runtime_of(model).reset()
+
+
+def memory_report(model: torch.nn.Module) -> dict:
+    """Parameter bytes before and after sixbit, measured from the storages.
+
+    ``before_bytes``: every parameter at its original size. ``after_bytes``: what is
+    resident now: unreleased parameters at their storage size plus the quantized
+    weights in the store. Released parameters count 0 (their storage is empty).
+    """
+    before = after = quantized = released = 0
+    n_quantized = 0
+    seen: set[int] = set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        nominal = p.numel() * p.element_size()
+        resident = p.untyped_storage().nbytes()
+        qw = STORE.get(p)
+        before += nominal
+        after += resident
+        if qw is not None:
+            n_quantized += 1
+            quantized += qw.nbytes
+            after += qw.nbytes
+            if resident == 0:
+                released += nominal
+    return {
+        "before_bytes": before,
+        "after_bytes": after,
+        "quantized_weight_bytes": quantized,
+        "released_bytes": released,
+        "quantized_parameters": n_quantized,
+        "cache_bytes": 0,
+        "ratio": before / after if after else float("inf"),
+    }

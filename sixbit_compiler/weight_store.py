@@ -1,0 +1,159 @@
+"""Quantized weights, held once per ``nn.Parameter``.
+
+The store is keyed by Parameter identity, not by module path or graph, so:
+
+* a recompile (new resolution, dynamic shapes) finds the weights already
+  quantized and never reads the released bf16 storage again;
+* graphs shared by several module instances (regional compile) look weights up
+  by the Parameter that arrives at call time, never baking one block's weights
+  into a graph;
+* two compiled models never share entries (their Parameters differ).
+
+Releasing a weight resizes its storage to 0 bytes; the Parameter keeps its
+shape, dtype and device, so Dynamo's guards (metadata only) still hold and no
+recompile happens. Any module that owned a released weight gets a forward
+pre-hook that raises a clear error if it is ever called eagerly: the bf16 data
+is gone (see docs/memory.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import threading
+import weakref
+
+import torch
+
+from .formats import quantize_nvfp4, hadamard_rotate
+
+log = logging.getLogger("sixbit")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedWeight:
+    """An NVFP4 linear weight [out_features, in_features] (see formats.nvfp4)."""
+
+    packed: torch.Tensor  # uint8 [N, Kp/2]
+    block_scales: torch.Tensor  # float8_e4m3fn [N, Kp/16]
+    tensor_scale: torch.Tensor  # fp32 scalar
+    in_features: int
+    out_features: int
+    hadamard: bool
+    source_dtype: torch.dtype
+    source_nbytes: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.block_scales, self.tensor_scale))
+
+
+def quantize_weight(weight: torch.Tensor, hadamard: bool) -> QuantizedWeight:
+    """Quantize a [N, K] weight to NVFP4 (rotated first if ``hadamard``)."""
+    with torch.no_grad(), torch.inference_mode(False):
+        w = weight.detach()
+        src = hadamard_rotate(w) if hadamard else w
+        packed, scales, tscale = quantize_nvfp4(src)
+    return QuantizedWeight(
+        packed=packed,
+        block_scales=scales,
+        tensor_scale=tscale,
+        in_features=w.shape[1],
+        out_features=w.shape[0],
+        hadamard=hadamard,
+        source_dtype=w.dtype,
+        source_nbytes=w.numel() * w.element_size(),
+    )
+
+
+class WeightStoreError(RuntimeError):
+    pass
+
+
+class WeightStore:
+    """Parameter -> QuantizedWeight, plus which Parameters had their storage released."""
+
+    def __init__(self):
+        self._entries: dict[int, tuple[weakref.ref, QuantizedWeight]] = {}
+        self._released: set[int] = set()
+        self._lock = threading.Lock()
+
+    def _forget(self, key: int) -> None:
+        with self._lock:
+            self._entries.pop(key, None)
+            self._released.discard(key)
+
+    def get(self, param: torch.Tensor) -> QuantizedWeight | None:
+        entry = self._entries.get(id(param))
+        if entry is None or entry[0]() is not param:
+            return None
+        return entry[1]
+
+    def is_released(self, param: torch.Tensor) -> bool:
+        return id(param) in self._released and self.get(param) is not None
+
+    def quantize(self, param: torch.Tensor, hadamard: bool) -> QuantizedWeight:
+        """The stored quantized form of ``param``, quantizing it on first use."""
+        existing = self.get(param)
+        if existing is not None:
+            if existing.hadamard != hadamard:
+                raise WeightStoreError(
+                    f"sixbit: a weight of shape {tuple(param.shape)} was already quantized with "
+                    f"hadamard={existing.hadamard}, and its bf16 storage may be released; it cannot be "
+                    f"re-quantized with hadamard={hadamard}. Compile every use of a model with the same option."
+                )
+            return existing
+        if param.untyped_storage().nbytes() == 0 and param.numel() > 0:
+            raise WeightStoreError("sixbit: a weight's storage is empty and it is not in the weight store")
+        qw = quantize_weight(param, hadamard)
+        key = id(param)
+        ref = weakref.ref(param, lambda _r, key=key: self._forget(key))
+        with self._lock:
+            self._entries[key] = (ref, qw)
+        return qw
+
+    def release(self, params: list[torch.Tensor]) -> int:
+        """Free the bf16 storage of quantized ``params``; returns bytes released."""
+        freed = 0
+        new = [p for p in params if self.get(p) is not None and id(p) not in self._released]
+        for p in new:
+            storage = p.untyped_storage()
+            freed += storage.nbytes()
+            storage.resize_(0)
+            self._released.add(id(p))
+        if new:
+            _guard_owner_modules(new)
+        return freed
+
+
+STORE = WeightStore()
+
+
+def _released_weight_hook(module: torch.nn.Module, args):
+    if torch.compiler.is_compiling():
+        return
+    for name, p in module._parameters.items():
+        if p is not None and STORE.is_released(p):
+            raise RuntimeError(
+                f"sixbit: {type(module).__name__}.{name} was quantized to NVFP4 when this model was compiled "
+                "with backend='sixbit', and its bf16 storage was released. Call the compiled model instead, "
+                "or reload the original weights (from_pretrained / load_state_dict; see docs/memory.md). "
+                "Compile with options={'free_weights': False} to keep them."
+            )
+
+
+def _guard_owner_modules(params: list[torch.Tensor]) -> None:
+    """Give every module that owns a released weight a pre-hook that raises on eager use.
+
+    Dynamo passes Parameters, not modules, to the backend, so the owners are found by
+    one scan of the live objects. Hooks added after compile do not cause recompiles
+    (Dynamo skips nn.Module hook guards), and the hook does nothing while compiling.
+    """
+    wanted = {id(p) for p in params}
+    for obj in gc.get_objects():
+        # type() rather than isinstance(): some lazy module objects warn when probed.
+        if issubclass(type(obj), torch.nn.Module) and not getattr(obj, "_sixbit_guarded", False):
+            if any(p is not None and id(p) in wanted for p in obj._parameters.values()):
+                obj.register_forward_pre_hook(_released_weight_hook)
+                obj._sixbit_guarded = True
