@@ -45,7 +45,7 @@ from sixbit_compiler.ops import QUANTIZED_LINEAR
 from sixbit_compiler.weight_store import STORE
 
 _SUPPORTED_WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_FIELDS = ("packed", "block_scales", "tensor_scale")
+_FIELDS = ("packed", "block_scales_bits", "tensor_scale")
 
 
 def _match(path: str, patterns) -> str | None:
@@ -108,7 +108,7 @@ def quantize_linears(gm: fx.GraphModule, ctx: CompileContext) -> None:
             stem = (path or w.name).replace(".", "_")
             added = []
             for field in _FIELDS:
-                ph = add_placeholder(graph, f"{stem}_w_{field}")
+                ph = add_placeholder(graph, f"{stem}_w_{field.replace('_bits', '')}")
                 ctx.input_specs[ph.name] = InputSpec("qweight", spec.index, field)
                 added.append(ph)
             weight_nodes[w.name] = tuple(added)

@@ -98,7 +98,8 @@ def sixbit_backend(gm: fx.GraphModule, example_inputs, options=None, **kwargs):
 
     released = STORE.release(ctx.weights_to_release) if opts.free_weights else 0
     specs = ctx.ordered_specs(gm)
-    compiled = _lower(gm, ctx, specs, opts)
+    lowering = resolve_lowering(opts, example_inputs)
+    compiled = _lower(gm, ctx, specs, lowering)
     seconds = time.perf_counter() - t0
 
     n_quant = sum(1 for li in ctx.linears if li.status == "quantized")
@@ -115,7 +116,7 @@ def sixbit_backend(gm: fx.GraphModule, example_inputs, options=None, **kwargs):
                 "blocks": len(ctx.blocks),
                 "linears quantized": f"{n_quant} of {len(ctx.linears)}",
                 "bf16 bytes released": released,
-                "lowering": opts.lowering,
+                "lowering": lowering,
                 "compile seconds": f"{seconds:.2f}",
                 "graph inputs": f"{len(placeholders)} from Dynamo -> {len(specs)} after passes",
             },
@@ -123,8 +124,15 @@ def sixbit_backend(gm: fx.GraphModule, example_inputs, options=None, **kwargs):
     return runtime.wrap(compiled, specs, placeholders)
 
 
-def _lower(gm: fx.GraphModule, ctx: CompileContext, specs, opts: SixbitOptions):
-    if opts.lowering == "eager":
+def resolve_lowering(opts: SixbitOptions, example_inputs) -> str:
+    if opts.lowering != "auto":
+        return opts.lowering
+    on_gpu = any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in example_inputs)
+    return "inductor" if on_gpu else "eager"
+
+
+def _lower(gm: fx.GraphModule, ctx: CompileContext, specs, lowering: str):
+    if lowering == "eager":
         return gm
     from torch._inductor.compile_fx import compile_fx
 

@@ -13,17 +13,17 @@ import torch.fx as fx
 LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear, torch.ops.aten.linear.default)
 
 _MODULES_ITEM = re.compile(r"\.?(?:__dict__\[['\"]_modules['\"]\]|_modules)\[['\"]([^'\"]+)['\"]\]")
-_ITEM = re.compile(r"\[['\"]([^'\"]+)['\"]\]")
+_ITEM = re.compile(r"\[['\"]([^'\"]+)['\"]\]|\[(\d+)\]")
 
 
 def normalize_module_path(source: str) -> str:
     """Turn a Dynamo source string into a plain module path.
 
-    ``L['self'].__dict__['_modules']['blocks'].0.attn1.to_q`` -> ``blocks.0.attn1.to_q``;
-    the root module is the empty string.
+    ``L['self'].__dict__['_modules']['blocks'].0.attn1.to_q`` -> ``blocks.0.attn1.to_q``
+    (``blocks[0]`` spellings too); the root module is the empty string.
     """
     path = _MODULES_ITEM.sub(lambda m: "." + m.group(1), source)
-    path = _ITEM.sub(lambda m: "." + m.group(1), path)
+    path = _ITEM.sub(lambda m: "." + (m.group(1) or m.group(2)), path)
     parts = [p for p in path.split(".") if p]
     if parts[:2] == ["L", "self"]:
         parts = parts[2:]

@@ -32,11 +32,16 @@ def quantized_linear(
     in_features: int,
     hadamard: bool,
 ) -> torch.Tensor:
-    """y = x · W_nvfp4ᵀ + bias, activations at precision ``precision_slots[slot]``."""
+    """y = x · W_nvfp4ᵀ + bias, activations at precision ``precision_slots[slot]``.
+
+    ``w_packed`` (uint8, [N, Kp/2]), ``w_block_scales`` (the float8_e4m3fn scales as
+    uint8 bits, [N, Kp/16]) and ``w_tensor_scale`` (fp32 scalar) are the stored NVFP4
+    weight (see ``sixbit_compiler.formats.nvfp4``). FP8 tensors cross the op boundary
+    as raw uint8 bits, the convention Triton kernels use too.
+    """
     precision = Precision(int(precision_slots[slot]))
-    return quantized_linear_reference(
-        x, w_packed, w_block_scales, w_tensor_scale, bias, precision, in_features, hadamard
-    )
+    scales = w_block_scales.view(torch.float8_e4m3fn)
+    return quantized_linear_reference(x, w_packed, scales, w_tensor_scale, bias, precision, in_features, hadamard)
 
 
 @quantized_linear.register_fake

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 from .formats import Precision
 
 DUMP_DIR_ENV = "SIXBIT_DUMP_DIR"
-LOWERINGS = ("eager", "inductor")
+LOWERINGS = ("auto", "eager", "inductor")
 
 
 class SixbitOptionError(ValueError):
@@ -42,9 +42,10 @@ class SixbitOptions:
     #: Release the bf16 storage of quantized weights after compile (the memory win).
     #: False keeps them, e.g. to run the original module eagerly for comparisons.
     free_weights: bool = True
-    #: What runs the transformed graph: "eager" (FX interpreter-free Python code,
-    #: easy to debug) or "inductor" (torch._inductor.compile_fx).
-    lowering: str = "eager"
+    #: What runs the transformed graph: "inductor" (torch._inductor.compile_fx),
+    #: "eager" (the graph's Python code, op by op: quick to compile, easy to debug),
+    #: or "auto": Inductor when the graph runs on a GPU, eager on CPU.
+    lowering: str = "auto"
     #: Name of the graph input holding the diffusion timestep (used to track the
     #: denoising step and new generations). None: found by name ("timestep", "t").
     timestep_input: str | None = None

@@ -45,6 +45,11 @@ class QuantizedWeight:
     source_nbytes: int
 
     @property
+    def block_scales_bits(self) -> torch.Tensor:
+        """The e4m3 block scales as raw uint8 bits: the form the custom op and kernels take."""
+        return self.block_scales.view(torch.uint8)
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.block_scales, self.tensor_scale))
 

@@ -25,6 +25,12 @@ def pad_last(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, padded - k))
 
 
+def saturate_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Clamp to the finite fp32 range (decoding a saturated Inf can round past it); NaN stays NaN."""
+    limit = torch.finfo(torch.float32).max
+    return x.clamp(-limit, limit)
+
+
 def nan_free_abs(x: torch.Tensor) -> torch.Tensor:
     """|x| with NaN replaced by 0, for amax reductions that must ignore NaN."""
     a = x.abs()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import as_fp32, nan_free_abs
+from ._common import as_fp32, nan_free_abs, saturate_fp32
 
 INT8_MAX = 127.0
 
@@ -33,5 +33,5 @@ def quantize_int8(x: torch.Tensor, axis: int = -1) -> tuple[torch.Tensor, torch.
 
 
 def dequantize_int8(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """codes * scale, in ``dtype``."""
-    return (codes.to(torch.float32) * scale).to(dtype)
+    """codes * scale, in ``dtype`` (saturating at the fp32 range; NaN stays NaN)."""
+    return saturate_fp32(codes.to(torch.float32) * scale).to(dtype)

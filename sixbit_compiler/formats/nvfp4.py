@@ -18,8 +18,8 @@ e4m3), which is what lets Hopper run NVFP4 math exactly through bf16 tensor
 cores: see :func:`nvfp4_block_values`.
 
 Rounding: the block scale is ``(block_amax / 6) / tensor_scale`` rounded to
-nearest-even e4m3; each value is divided by the *rounded* block scale and
-rounded to the nearest e2m1 value, ties to even (even = mantissa bit 0, i.e. an
+nearest-even e4m3; each value is divided (in fp32) by the *rounded* block scale
+times the tensor scale and rounded to the nearest e2m1 value, ties to even (even = mantissa bit 0, i.e. an
 even magnitude index), saturating at ±6.
 """
 
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import as_fp32, nan_free_abs, pad_last
+from ._common import as_fp32, nan_free_abs, pad_last, saturate_fp32
 from .int8 import quantize_int8
 
 NVFP4_BLOCK = 16
@@ -110,7 +110,7 @@ def dequantize_nvfp4(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Decode NVFP4 to ``dtype``; ``k`` trims the zero padding of the last dimension."""
-    out = nvfp4_block_values(packed, block_scales) * tensor_scale.to(torch.float32)
+    out = saturate_fp32(nvfp4_block_values(packed, block_scales) * tensor_scale.to(torch.float32))
     if k is not None:
         out = out[..., :k]
     return out.to(dtype)
