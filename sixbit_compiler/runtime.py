@@ -62,15 +62,16 @@ class StepTracker:
     """
 
     def __init__(self):
-        self.reset()
-
-    def reset(self) -> None:
         self.generation = -1
         self.step = -1
         self.branch = 0
         self.last_t: float | None = None
         self._gen_conds: set[int] = set()
         self._step_conds: set[int] = set()
+        self._pending_new_generation = True
+
+    def reset(self) -> None:
+        """The next call starts a new generation (generation numbers keep counting)."""
         self._pending_new_generation = True
 
     def advance(self, t: float | None, cond_key: int | None) -> bool:

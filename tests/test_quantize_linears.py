@@ -1,0 +1,130 @@
+"""quantize_linears: which linears become sixbit ops, and what the pass adds and removes."""
+
+import pytest
+import torch
+
+from conftest import capture, context_for
+from models import cogvideox_inputs, scratch_dit, tiny_cogvideox, tiny_wan, wan_inputs
+from sixbit_compiler.fx_utils import op_counts
+from sixbit_compiler.passes import find_blocks, quantize_linears
+from sixbit_compiler.weight_store import STORE
+
+LINEAR = "F.linear"
+QLINEAR = "sixbit.quantized_linear.default"
+
+
+def run_passes(gm, ex, **options):
+    gm, ctx = context_for(gm, ex, **options)
+    find_blocks(gm, ctx)
+    before = op_counts(gm.graph)
+    placeholders_before = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    quantize_linears(gm, ctx)
+    gm.graph.lint()
+    gm.recompile()
+    return gm, ctx, before, op_counts(gm.graph), placeholders_before
+
+
+@pytest.mark.parametrize(
+    "make, inputs, total, quantized",
+    [
+        # Wan: 5 condition-embedder linears + proj_out stay; 10 per block quantized.
+        (lambda: tiny_wan(num_layers=2), wan_inputs, 26, 20),
+        # CogVideoX: per block 6 token linears quantized, norm1/norm2 modulation linears kept.
+        (lambda: tiny_cogvideox(num_layers=2), cogvideox_inputs, 21, 12),
+    ],
+)
+def test_op_counts_on_diffusers_models(make, inputs, total, quantized):
+    gm, ex = capture(make(), **inputs())
+    gm, ctx, before, after, _ = run_passes(gm, ex)
+    assert before[LINEAR] == total
+    assert after.get(LINEAR, 0) == total - quantized  # removed exactly the quantized ones
+    assert after[QLINEAR] == quantized  # one sixbit op per removed linear
+    assert {k: v for k, v in after.items() if k not in (LINEAR, QLINEAR)} == {
+        k: v for k, v in before.items() if k not in (LINEAR, QLINEAR)
+    }  # nothing else touched
+    assert sum(li.status == "quantized" for li in ctx.linears) == quantized
+    assert len(ctx.weights_to_release) == quantized
+
+
+def test_cogvideox_keeps_modulation_linears_in_high_precision():
+    gm, ex = capture(tiny_cogvideox(), **cogvideox_inputs())
+    _, ctx, *_ = run_passes(gm, ex)
+    kept = {li.path: li.reason for li in ctx.linears if li.status == "kept"}
+    assert "transformer_blocks.0.norm1.linear" in kept
+    assert "no token dimension" in kept["transformer_blocks.0.norm1.linear"]
+    assert "outside transformer blocks" in kept["proj_out"]
+
+
+def test_placeholders_replace_weights_and_slots_added():
+    gm, ex = capture(scratch_dit(depth=2), torch.randn(2, 10, 8), torch.tensor([500.0, 500.0]))
+    gm, ctx, before, after, ph_before = run_passes(gm, ex)
+    ph_after = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    n_q = after[QLINEAR]
+    assert n_q == 8  # qkv, proj, fc1, fc2 per block; modulation stays
+    # each quantized weight placeholder is gone, replaced by 3 NVFP4 placeholders; plus one slots input
+    assert len(ph_after) == len(ph_before) - n_q + 3 * n_q + 1
+    assert ph_after.count("sixbit_precision_slots") == 1
+    kinds = [ctx.input_specs[n].kind for n in ph_after]
+    assert kinds.count("qweight") == 3 * n_q and kinds.count("precision_slots") == 1
+    slots = sorted(li.slot for li in ctx.linears if li.status == "quantized")
+    assert slots == list(range(n_q))
+    # the weights are in the store, quantized once
+    for p in ctx.weights_to_release:
+        assert STORE.get(p) is not None
+
+
+def test_transformed_graph_runs_and_is_close():
+    model = scratch_dit(depth=2)
+    x, t = torch.randn(2, 10, 8), torch.tensor([500.0, 500.0])
+    with torch.no_grad():
+        ref = model(x, t)
+    gm, ex = capture(model, x, t)
+    gm, ctx, *_ = run_passes(gm, ex, activation="int8")
+    inputs = []
+    for name in [n.name for n in gm.graph.nodes if n.op == "placeholder"]:
+        spec = ctx.input_specs[name]
+        if spec.kind == "arg":
+            inputs.append(ex[spec.index])
+        elif spec.kind == "qweight":
+            inputs.append(getattr(STORE.get(ex[spec.index]), spec.field))
+        else:
+            inputs.append(ctx.runtime.precision_slots)
+    with torch.no_grad():
+        out = gm(*inputs)[0]
+    err = float((out - ref).norm() / ref.norm())
+    assert 0 < err < 0.15
+
+
+def test_include_and_exclude_patterns():
+    gm, ex = capture(tiny_wan(num_layers=2), **wan_inputs())
+    _, ctx, _, after, _ = run_passes(gm, ex, exclude=["*.ffn.*", "blocks.1.*"])
+    q = {li.path for li in ctx.linears if li.status == "quantized"}
+    assert q == {f"blocks.0.attn{a}.{p}" for a in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out.0")}
+    reasons = {li.path: li.reason for li in ctx.linears}
+    assert reasons["blocks.0.ffn.net.2"] == "excluded by pattern '*.ffn.*'"
+
+    gm, ex = capture(tiny_wan(num_layers=2), **wan_inputs())
+    _, ctx, _, after, _ = run_passes(gm, ex, include=["proj_out", "blocks.*.attn1.to_q"])
+    q = {li.path for li in ctx.linears if li.status == "quantized"}
+    assert q == {"proj_out", "blocks.0.attn1.to_q", "blocks.1.attn1.to_q"}  # include reaches outside blocks
+    assert after[QLINEAR] == 3
+
+
+def test_without_blocks_nothing_is_quantized():
+    gm, ex = capture(tiny_wan(num_layers=2), **wan_inputs())
+    gm, ctx = context_for(gm, ex)
+    quantize_linears(gm, ctx)  # find_blocks did not run
+    assert "sixbit.quantized_linear.default" not in op_counts(gm.graph)
+    assert all(li.status == "kept" for li in ctx.linears)
+
+
+def test_recompile_reuses_store_entries(monkeypatch):
+    import sixbit_compiler.weight_store as ws
+
+    model = scratch_dit(depth=2)
+    gm, ex = capture(model, torch.randn(2, 10, 8), torch.tensor([1.0, 1.0]))
+    run_passes(gm, ex)
+    calls = []
+    monkeypatch.setattr(ws, "quantize_weight", lambda *a: calls.append(a))
+    run_passes(gm, ex)  # same Parameters: every weight comes from the store
+    assert calls == []
