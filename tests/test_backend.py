@@ -15,7 +15,7 @@ from models import cogvideox_inputs, scratch_dit, tiny_cogvideox, tiny_wan, wan_
 from sixbit_compiler.weight_store import STORE
 
 # Stated end-to-end error bounds of the compiled tiny models against eager fp32 (relative L2).
-E2E_BOUNDS = {"bf16": 0.10, "int8": 0.10, "nvfp4": 0.15}
+E2E_BOUNDS = {"bf16": 0.06, "int8": 0.06, "nvfp4": 0.08}  # measured: 0.034 / 0.034 / 0.039 (Wan)
 
 
 def graph_breaks() -> int:
