@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):  # keep `import sixbit_compiler` light; torch.fx machinery loads on use
-    if name in ("stats", "memory_report", "reset", "runtime_of"):
+    if name in ("stats", "memory_report", "reset", "runtime_of", "set_activation"):
         from . import runtime
 
         return getattr(runtime, name)
@@ -23,4 +23,14 @@ def __getattr__(name):  # keep `import sixbit_compiler` light; torch.fx machiner
     raise AttributeError(f"module 'sixbit_compiler' has no attribute {name!r}")
 
 
-__all__ = ["Precision", "SixbitOptionError", "SixbitOptions", "memory_report", "reset", "sixbit_backend", "stats"]
+__all__ = [
+    "Precision",
+    "SixbitOptionError",
+    "SixbitOptions",
+    "memory_report",
+    "reset",
+    "runtime_of",
+    "set_activation",
+    "sixbit_backend",
+    "stats",
+]

@@ -120,6 +120,7 @@ class SixbitRuntime:
         self.syncs = 0
         self.compiles = 0
         self.block_names: list[str] = []
+        self.forced: Precision | None = None
         self._lock = threading.Lock()
 
     # ---- compile time -------------------------------------------------------------
@@ -177,8 +178,9 @@ class SixbitRuntime:
             )
 
     def decide(self) -> None:
-        """Set every precision slot for this call. Static policy: the ``activation`` option."""
-        self.precision_slots.fill_(int(self.options.precision))
+        """Set every precision slot for this call. Static policy: the ``activation`` option
+        (or the precision forced with :func:`set_activation`)."""
+        self.precision_slots.fill_(int(self.forced if self.forced is not None else self.options.precision))
 
     def reset(self) -> None:
         """Forget all per-generation state: the next call starts a new generation."""
@@ -308,6 +310,7 @@ def stats(model: torch.nn.Module) -> dict:
     ``summary``: calls, generations, steps, ``precision_counts`` (layer-calls per
     precision), ``avg_activation_bits`` over computed layers, ``skip_rate`` (0 until
     the block cache lands), ``syncs_per_call``, compiles, quantized layers and blocks.
+    ``last_generation``: the same counts for the latest generation only.
     ``calls``: per call, its generation, step, CFG branch, timestep, batch and the
     precision of every quantized layer.
     """
@@ -331,7 +334,20 @@ def stats(model: torch.nn.Module) -> dict:
         }
         for r in rt.records
     ]
-    return {"summary": summary, "calls": calls, "layers": list(rt.slot_names), "blocks": list(rt.block_names)}
+    last = [r for r in rt.records if r.generation == rt.tracker.generation]
+    return {
+        "summary": summary,
+        "last_generation": summarize(last, rt),
+        "calls": calls,
+        "layers": list(rt.slot_names),
+        "blocks": list(rt.block_names),
+    }
+
+
+def set_activation(model: torch.nn.Module, activation: str | None) -> None:
+    """Run every quantized linear at ``activation`` ("nvfp4", "int8", "bf16") from the next
+    call on, without recompiling; ``None`` returns to the compile-time option."""
+    runtime_of(model).forced = None if activation is None else Precision.parse(activation)
 
 
 def reset(model: torch.nn.Module) -> None:

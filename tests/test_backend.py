@@ -240,3 +240,20 @@ def test_entry_point_works_without_importing_sixbit(tmp_path):
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "ok True"  # loaded through the entry point, not by the script
+
+
+def test_set_activation_switches_precision_without_recompiling():
+    model = tiny_wan()
+    compiled = torch.compile(model, backend="sixbit", options={"activation": "int8"})
+    with torch.no_grad():
+        a = compiled(**wan_inputs())[0]
+        sixbit_compiler.set_activation(compiled, "nvfp4")
+        b = compiled(**wan_inputs())[0]
+        sixbit_compiler.set_activation(compiled, None)
+        c = compiled(**wan_inputs())[0]
+    assert not torch.equal(a, b) and torch.equal(a, c)
+    assert unique_graphs() == 1
+    counts = sixbit_compiler.stats(model)["summary"]["precision_counts"]
+    assert counts == {"bf16": 0, "int8": 40, "nvfp4": 20}
+    with pytest.raises(ValueError, match="unknown precision"):
+        sixbit_compiler.set_activation(compiled, "fp3")
