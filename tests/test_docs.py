@@ -22,3 +22,22 @@ def test_ci_runs_the_readme_test_command():
 def test_linked_docs_exist():
     for link in re.findall(r"\]\((docs/[^)]+)\)", read("README.md")):
         assert os.path.exists(os.path.join(ROOT, link)), link
+
+
+def test_passes_and_codegen_install_inside_the_package():
+    import importlib.util
+
+    import sixbit_compiler.codegen
+    import sixbit_compiler.passes
+
+    import site
+    import sysconfig
+
+    site_dirs = {os.path.realpath(p) for p in site.getsitepackages() + [sysconfig.get_paths()["purelib"]]}
+    for top in ("passes", "codegen"):
+        spec = importlib.util.find_spec(top)  # found only via the repo root on sys.path, if at all
+        if spec is not None and spec.origin:
+            assert not any(os.path.realpath(spec.origin).startswith(d) for d in site_dirs), spec.origin
+        for d in site_dirs:
+            assert not os.path.exists(os.path.join(d, top)), f"{top} installed at the top of {d}"
+    assert os.path.realpath(sixbit_compiler.passes.__file__).startswith(os.path.join(ROOT, "passes"))

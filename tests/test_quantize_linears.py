@@ -128,3 +128,50 @@ def test_recompile_reuses_store_entries(monkeypatch):
     monkeypatch.setattr(ws, "quantize_weight", lambda *a: calls.append(a))
     run_passes(gm, ex)  # same Parameters: every weight comes from the store
     assert calls == []
+
+
+def test_handmade_graph_shared_weight_and_kept_reader():
+    """Hand-built graph: two block linears share one weight; a third reads a weight also used by a
+    non-linear op (so its bf16 copy must be kept); a head linear stays outside blocks."""
+    import torch.fx as fx
+
+    class Block(torch.nn.Module):
+        pass
+
+    g = fx.Graph()
+    x = g.placeholder("x")
+    x.meta["example_value"] = torch.randn(1, 4, 16)
+    w_shared, w_also_read, w_head = g.placeholder("w_shared"), g.placeholder("w_also_read"), g.placeholder("w_head")
+    params = [torch.nn.Parameter(torch.randn(16, 16)) for _ in range(3)]
+    for ph, p in zip((w_shared, w_also_read, w_head), params):
+        ph.meta["example_value"] = p
+
+    def in_block(node, i, leaf):
+        node.meta["nn_module_stack"] = {
+            "b": (f"L['self'].blocks[{i}]", Block),
+            "l": (f"L['self'].blocks[{i}].{leaf}", torch.nn.Linear),
+        }
+        return node
+
+    h = x
+    for i in range(2):
+        h = in_block(g.call_function(torch._C._nn.linear, (h, w_shared)), i, "fc")
+        h.meta["example_value"] = torch.randn(1, 4, 16)
+    h2 = in_block(g.call_function(torch._C._nn.linear, (h, w_also_read)), 1, "proj")
+    h2.meta["example_value"] = torch.randn(1, 4, 16)
+    norm = g.call_function(torch.linalg.vector_norm, (w_also_read,))
+    out = g.call_function(torch._C._nn.linear, (h2, w_head))
+    out.meta["nn_module_stack"] = {"h": ("L['self'].head", torch.nn.Linear)}
+    g.output((out, norm))
+    gm = fx.GraphModule(torch.nn.Module(), g)
+
+    gm, ctx, before, after, ph_before = run_passes(gm, [torch.randn(1, 4, 16)] + params)
+    assert before["F.linear"] == 4 and after["F.linear"] == 1 and after[QLINEAR] == 3
+    ph_after = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    assert "w_shared" not in ph_after  # erased: nothing reads it any more
+    assert "w_also_read" in ph_after  # still read by vector_norm
+    assert [p is params[0] for p in ctx.weights_to_release] == [True]  # only the fully replaced weight
+    assert sum(ctx.input_specs[n].kind == "qweight" for n in ph_after) == 6  # shared weight quantized once
+    assert any("also read by non-linear ops" in note for note in ctx.notes)
+    kept = {li.path: li.reason for li in ctx.linears if li.status == "kept"}
+    assert kept == {"head": "outside transformer blocks (embedding / projection / head)"}
