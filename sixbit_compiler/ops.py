@@ -4,6 +4,9 @@ It is a ``torch.library`` custom op, so Inductor and AOTAutograd treat it as an
 opaque kernel with a known output shape (the fake implementation), and it
 passes ``torch.library.opcheck``.
 
+On CUDA it runs the Triton kernels (``sixbit_compiler.kernels.dispatch``); on CPU, and for
+any case the kernels do not take (logged once), the pure-PyTorch reference path.
+
 Its precision is not a compile-time constant: the op reads it from
 ``precision_slots[slot]``, a small CPU int8 tensor that the runtime writes once
 per model call. One compiled graph therefore serves every precision schedule
@@ -12,12 +15,22 @@ without recompiling, and reading the slot never syncs the GPU.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 
 from .formats import Precision
 from .reference import quantized_linear_reference
+
+#: Set SIXBIT_KERNELS=0 to run the reference path on GPU too (debugging, A/B checks).
+KERNELS_ENV = "SIXBIT_KERNELS"
+
+
+def use_kernels() -> bool:
+    from .kernels import triton_available
+
+    return os.environ.get(KERNELS_ENV, "1") != "0" and triton_available()
 
 
 @torch.library.custom_op("sixbit::quantized_linear", mutates_args=())
@@ -40,6 +53,12 @@ def quantized_linear(
     as raw uint8 bits, the convention Triton kernels use too.
     """
     precision = Precision(int(precision_slots[slot]))
+    if x.is_cuda and use_kernels():
+        from .kernels import dispatch
+
+        out = dispatch.quantized_linear(x, w_packed, w_block_scales, w_tensor_scale, bias, precision, in_features, hadamard)
+        if out is not None:
+            return out
     scales = w_block_scales.view(torch.float8_e4m3fn)
     return quantized_linear_reference(x, w_packed, scales, w_tensor_scale, bias, precision, in_features, hadamard)
 

@@ -1,0 +1,165 @@
+"""Kernel benchmark (issue: Triton kernels for the quantized linear on Hopper).
+
+For M = 32,760 tokens (Wan2.1 480p, 81 frames) and the Wan2.1-1.3B / 14B K x N shapes, times
+in one process, on one card:
+
+* baselines: bf16 ``a @ w.t()`` (cuBLAS), ``torch._int_mm`` (INT8), ``torch._scaled_mm`` FP8
+  e4m3 rowwise, and a device-to-device copy (the bandwidth ceiling);
+* sixbit: the INT8 scaled GEMM (epilogue: per-token x per-channel scales, bias, bf16 out), the
+  bf16 scaled GEMM of the NVFP4 route, the activation quantization kernels (GB/s), the
+  per-call weight decode, and the whole quantized linear per precision;
+* correctness of each sixbit kernel against the reference at these real shapes.
+
+Prints TFLOP/s and the ratio to bf16 per shape and kernel; writes JSON to $OUT (or ./out).
+Also counts the wgmma instructions in the PTX Triton generated.
+
+    python benchmarks/kernels.py [--shapes 1536x1536,5120x5120] [--m 32760]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import subprocess
+import time
+
+import torch
+import triton
+from triton.testing import do_bench
+
+SHAPES = ["1536x1536", "1536x8960", "8960x1536", "5120x5120", "5120x13824", "13824x5120"]
+
+
+def bench(fn):
+    return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3  # seconds
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+def inspect_ptx():
+    """Matrix instructions in the generated PTX/SASS of the sixbit GEMM kernels."""
+    found = {}
+    cache = os.environ.get("TRITON_CACHE_DIR", os.path.expanduser("~/.triton/cache"))
+    for ptx in glob.glob(os.path.join(cache, "*", "_scaled_gemm_body*.ptx")):
+        text = open(ptx).read()
+        kinds = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(\S+?)\s", text)))
+        entry = {"wgmma_instructions": len(re.findall(r"wgmma\.mma_async", text)), "wgmma_kinds": kinds,
+                 "mma_sync_instructions": len(re.findall(r"\bmma\.sync", text))}
+        cubin = ptx[:-4] + ".cubin"
+        if os.path.exists(cubin):
+            try:
+                sass = subprocess.run(["cuobjdump", "-sass", cubin], capture_output=True, text=True, timeout=60).stdout
+                entry["sass_counts"] = {op: len(re.findall(rf"\b{op}\b", sass)) for op in ("HGMMA", "IGMMA", "QGMMA", "HMMA", "IMMA")}
+            except Exception as exc:  # cuobjdump missing: PTX is still evidence
+                entry["sass_error"] = str(exc)
+        found[os.path.basename(os.path.dirname(ptx))[:12]] = entry
+    return found
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--m", type=int, default=32760)
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    args = ap.parse_args()
+    out_dir = os.environ.get("OUT", "out")
+    os.makedirs(out_dir, exist_ok=True)
+
+    from sixbit_compiler.formats import Precision
+    from sixbit_compiler.kernels import dispatch
+    from sixbit_compiler.kernels.gemm import _float_gemm, _int8_gemm, scaled_gemm
+    from sixbit_compiler.kernels.quantize import quantize_int8_rows, quantize_nvfp4_values
+    from sixbit_compiler.kernels.weights import decode_nvfp4_to_int8, decode_nvfp4_values
+    from sixbit_compiler.reference import quantized_linear_reference
+    from sixbit_compiler.weight_store import quantize_weight
+
+    dev = torch.device("cuda")
+    res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "m": args.m, "date": time.strftime("%Y-%m-%d"), "shapes": {}}
+
+    def save():
+        with open(os.path.join(out_dir, "kernels.json"), "w") as f:
+            json.dump(res, f, indent=1)
+
+    # Copy bandwidth ceiling: 2 GiB device-to-device, bytes read + written.
+    src = torch.empty(2**30, dtype=torch.int16, device=dev)
+    dst = torch.empty_like(src)
+    t = bench(lambda: dst.copy_(src))
+    res["copy_GBps"] = 2 * src.numel() * 2 / t / 1e9
+    del src, dst
+    print(f"copy bandwidth {res['copy_GBps']:.0f} GB/s", flush=True)
+
+    m = args.m
+    for shape in args.shapes.split(","):
+        k, n = map(int, shape.split("x"))
+        g = torch.Generator(device=dev).manual_seed(k + n)
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16, generator=g)
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16, generator=g) / k**0.5
+        bias = torch.randn(n, device=dev, dtype=torch.bfloat16, generator=g)
+        flops = 2.0 * m * n * k
+        r = {}
+        t_bf16 = bench(lambda: x @ w.t())
+        r["bf16_cublas"] = t_bf16
+
+        a8, sa, _, _ = quantize_int8_rows(x)
+        qw = quantize_weight(w, False)
+        w8, sw = decode_nvfp4_to_int8(qw.packed, qw.block_scales_bits, qw.tensor_scale)
+        r["int_mm"] = bench(lambda: torch._int_mm(a8, w8.t()))
+        af = (x.float() / sa).to(torch.float8_e4m3fn)
+        wf = (w.float() / (w.float().abs().amax(1, keepdim=True) / 448)).to(torch.float8_e4m3fn)
+        swf = (w.float().abs().amax(1, keepdim=True) / 448).t().contiguous()
+        r["fp8_scaled_mm"] = bench(lambda: torch._scaled_mm(af, wf.t(), scale_a=sa, scale_b=swf, out_dtype=torch.bfloat16))
+
+        c8 = scaled_gemm(a8, w8, sa, sw, bias, torch.bfloat16)  # autotunes on first call
+        r["sixbit_int8_gemm"] = bench(lambda: scaled_gemm(a8, w8, sa, sw, bias, torch.bfloat16))
+        ref8 = ((torch._int_mm(a8, w8.t()).double() * sa.double() * sw.double().t()) + bias.double())
+        r["check_int8_gemm_rel_err"] = rel(c8, ref8)
+        r["int8_config"] = str(_int8_gemm.best_config)
+
+        xv, xts, _, _ = quantize_nvfp4_values(x)
+        wv = decode_nvfp4_values(qw.packed, qw.block_scales_bits)
+        cf = scaled_gemm(xv, wv, xts, qw.tensor_scale, bias, torch.bfloat16)
+        r["sixbit_bf16_gemm"] = bench(lambda: scaled_gemm(xv, wv, xts, qw.tensor_scale, bias, torch.bfloat16))
+        r["cublas_bf16_on_nvfp4_values"] = bench(lambda: xv @ wv.t())
+        reff = (xv.double() @ wv.double().t()) * float(xts * qw.tensor_scale) + bias.double()
+        r["check_bf16_gemm_rel_err"] = rel(cf, reff)
+        r["bf16_config"] = str(_float_gemm.best_config)
+
+        r["quant_int8_s"] = bench(lambda: quantize_int8_rows(x))
+        r["quant_int8_GBps"] = (m * k * 2 + m * k) / r["quant_int8_s"] / 1e9
+        r["quant_nvfp4_s"] = bench(lambda: quantize_nvfp4_values(x))
+        r["quant_nvfp4_GBps_min_traffic"] = (m * k * 2 + m * k * 2) / r["quant_nvfp4_s"] / 1e9
+        r["decode_int8_s"] = bench(lambda: decode_nvfp4_to_int8(qw.packed, qw.block_scales_bits, qw.tensor_scale))
+        r["decode_values_s"] = bench(lambda: decode_nvfp4_values(qw.packed, qw.block_scales_bits))
+
+        for p in (Precision.INT8, Precision.NVFP4, Precision.BF16):
+            f = lambda: dispatch.quantized_linear(x, qw.packed, qw.block_scales_bits, qw.tensor_scale, bias, p, k, False)
+            out = f()
+            r[f"linear_{p.name.lower()}"] = bench(f)
+            ref = quantized_linear_reference(x[:4096], qw.packed, qw.block_scales, qw.tensor_scale, bias, p, k, False)
+            r[f"check_linear_{p.name.lower()}_rel_err"] = rel(out[:4096], ref)
+
+        tf = {key: flops / v / 1e12 for key, v in r.items() if isinstance(v, float) and not key.startswith(("check", "quant", "decode")) and not key.endswith("GBps")}
+        r["tflops"] = tf
+        r["ratio_to_bf16"] = {key: t_bf16 / v for key, v in r.items() if isinstance(v, float) and key in tf}
+        res["shapes"][shape] = r
+        save()
+        print(f"\n{shape}: " + ", ".join(f"{key} {v:.0f}" for key, v in tf.items()), flush=True)
+        print("  ratio to bf16: " + ", ".join(f"{key} {v:.2f}" for key, v in r["ratio_to_bf16"].items()), flush=True)
+        print(f"  quant int8 {r['quant_int8_GBps']:.0f} GB/s, nvfp4 {r['quant_nvfp4_GBps_min_traffic']:.0f} GB/s; decode int8 "
+              f"{r['decode_int8_s'] * 1e6:.0f} us; checks: " + ", ".join(f"{key[6:]} {v:.1e}" for key, v in r.items() if key.startswith("check")), flush=True)
+        del x, w, a8, w8, af, wf, xv, wv, c8, cf
+        torch.cuda.empty_cache()
+
+    res["ptx"] = inspect_ptx()
+    save()
+    print(json.dumps(res["ptx"], indent=1))
+
+
+if __name__ == "__main__":
+    main()

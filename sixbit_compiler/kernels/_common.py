@@ -1,0 +1,53 @@
+"""Device helpers shared by the kernels: exact rounding without hardware conversions.
+
+The Triton interpreter rounds fp32->fp8 badly and has no rint, so every rounding here is
+plain fp32 arithmetic that behaves the same compiled and interpreted.
+"""
+
+import triton
+import triton.language as tl
+
+# Adding and subtracting 1.5 * 2**23 rounds an fp32 |v| < 2**22 to the nearest integer,
+# ties to even (the FPU's own rounding), with no libdevice call.
+_RNE_MAGIC = 12582912.0
+
+
+@triton.jit
+def rne(v):
+    """Round to nearest integer, ties to even, for |v| < 2**22."""
+    return (v + _RNE_MAGIC) - _RNE_MAGIC
+
+
+@triton.jit
+def round_to_e4m3(v):
+    """Round non-negative fp32 v (<= 448) to the nearest e4m3 value, ties to even (exact)."""
+    bits = v.to(tl.int32, bitcast=True)
+    exp = ((bits >> 23) & 0xFF) - 127
+    exp = tl.maximum(exp, -6)  # e4m3 subnormals share the quantum of 2**-9
+    quantum = ((exp - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    return tl.minimum(rne(v / quantum) * quantum, 448.0)
+
+
+@triton.jit
+def e2m1_round(mag):
+    """Nearest e2m1 magnitude (0, .5, 1, 1.5, 2, 3, 4, 6) of mag >= 0, ties to even, saturating."""
+    v = tl.where(mag > 0.25, 0.5, 0.0)
+    v += tl.where(mag >= 0.75, 0.5, 0.0)
+    v += tl.where(mag > 1.25, 0.5, 0.0)
+    v += tl.where(mag >= 1.75, 0.5, 0.0)
+    v += tl.where(mag > 2.5, 1.0, 0.0)
+    v += tl.where(mag >= 3.5, 1.0, 0.0)
+    v += tl.where(mag > 5.0, 2.0, 0.0)
+    return v
+
+
+@triton.jit
+def e2m1_decode(code):
+    """uint8/int32 e2m1 code (sign bit 3) -> fp32 value."""
+    idx = code & 7
+    mag = tl.where(idx < 4, idx.to(tl.float32) * 0.5, tl.where(idx < 6, (idx - 2).to(tl.float32), tl.where(idx == 6, 4.0, 6.0)))
+    return tl.where((code & 8) != 0, -mag, mag)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())

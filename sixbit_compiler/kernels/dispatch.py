@@ -1,0 +1,85 @@
+"""What ``sixbit::quantized_linear`` runs on CUDA: the Triton kernels, or None to fall back.
+
+Per precision (spec: ``sixbit_compiler.reference``):
+
+* INT8: ``quantize_int8_rows`` (x -> int8 + per-token scale) and ``decode_nvfp4_to_int8``
+  (stored NVFP4 -> per-channel INT8, per call) feed the INT8 scaled GEMM.
+* NVFP4: ``quantize_nvfp4_values`` (x -> exact bf16 block values + tensor scale) and
+  ``decode_nvfp4_values`` feed the bf16 scaled GEMM; both tensor scales are applied in its
+  epilogue, so the result is NVFP4 math with fp32 accumulation.
+* BF16: x (bf16/fp16) times the decoded block values, tensor scale in the epilogue.
+
+A case the kernels do not take returns None with a reason; the caller logs it once and runs
+the reference path.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..formats import Precision, hadamard_rotate
+from ..formats._common import pad_last
+from .gemm import scaled_gemm
+from .quantize import quantize_int8_rows, quantize_nvfp4_values
+from .weights import decode_nvfp4_to_int8, decode_nvfp4_values
+
+log = logging.getLogger("sixbit")
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_logged: set[str] = set()
+
+
+def unsupported_reason(x: torch.Tensor, precision: Precision) -> str | None:
+    if x.dtype not in _FLOAT_DTYPES:
+        return f"activation dtype {x.dtype}"
+    if precision == Precision.BF16 and x.dtype == torch.float32:
+        return "bf16 precision with fp32 activations (the kernel multiplies in bf16)"
+    if x.numel() == 0:
+        return "empty input"
+    return None
+
+
+def log_fallback_once(reason: str) -> None:
+    if reason not in _logged:
+        _logged.add(reason)
+        log.warning("sixbit: quantized_linear runs the reference path for %s", reason)
+
+
+def quantized_linear(x, w_packed, w_block_scales_bits, w_tensor_scale, bias, precision: Precision, in_features: int, hadamard: bool):
+    """Kernel path; returns None (after logging once) for a case the kernels do not take."""
+    reason = unsupported_reason(x, precision)
+    if reason is not None:
+        log_fallback_once(reason)
+        return None
+    out_dtype = x.dtype
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    if x2d.shape[-1] != in_features:
+        raise ValueError(f"quantized_linear: input has {x2d.shape[-1]} features, weight expects {in_features}")
+    kp = w_packed.shape[1] * 2
+    if hadamard:
+        # The rotation is quantized from fp32, as in the spec; only the bf16 tier, which
+        # multiplies activations as they are, takes them back to their own dtype.
+        x2d = hadamard_rotate(x2d)
+        if precision == Precision.BF16:
+            x2d = x2d.to(x.dtype)
+    if x2d.shape[-1] != kp:
+        x2d = pad_last(x2d, kp)
+    x2d = x2d.contiguous()
+
+    if precision == Precision.INT8:
+        xq, xs, _, _ = quantize_int8_rows(x2d)
+        wq, ws = decode_nvfp4_to_int8(w_packed, w_block_scales_bits, w_tensor_scale)
+        out = scaled_gemm(xq, wq, xs, ws, bias, out_dtype)
+    elif precision == Precision.NVFP4:
+        xv, xts, _, _ = quantize_nvfp4_values(x2d, torch.bfloat16)
+        wv = decode_nvfp4_values(w_packed, w_block_scales_bits, torch.bfloat16)
+        out = scaled_gemm(xv, wv, xts, w_tensor_scale, bias, out_dtype)
+    elif precision == Precision.BF16:
+        wv = decode_nvfp4_values(w_packed, w_block_scales_bits, x2d.dtype)
+        out = scaled_gemm(x2d, wv, torch.ones((), device=x.device), w_tensor_scale, bias, out_dtype)
+    else:
+        log_fallback_once(f"precision {precision!r}")
+        return None
+    return out.reshape(*lead, out.shape[-1])

@@ -1,0 +1,123 @@
+"""One scaled-GEMM template: C = (A · Bᵀ) * a_scale * b_scale + bias, cast to C's dtype.
+
+A is [M, K] and B is [N, K], both K-major (row-major with K contiguous): the layout Hopper's
+wgmma takes for both operands, and the layout weights are stored in. Operands:
+
+* INT8 x INT8 -> int32 accumulator (exact for K < 133,000), per-token x per-channel scales;
+* bf16/fp16 x bf16/fp16 -> fp32 accumulator (the NVFP4 route: exact block values).
+
+``a_scale`` is per row [M] or a scalar, ``b_scale`` per column [N] or a scalar (constexpr
+flags pick). The epilogue (scales, bias, cast) runs on the accumulator in registers, so C is
+written once. Autotuned per (N, K, M bucket); results are cached on disk where Triton allows.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreting
+from ._common import next_pow2
+
+
+def _configs(int8: bool):
+    if interpreting():  # the interpreter is slow with small blocks; one big tile
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=1)]
+    bk = 128 if int8 else 64
+    shapes = [(128, 256, bk, 8, 3), (256, 128, bk, 8, 3), (128, 128, bk, 8, 4), (128, 128, bk, 4, 4), (128, 256, bk // 2, 8, 4)]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for m, n, k, w, s in shapes
+    ]
+
+
+def _autotune(int8: bool):
+    kwargs = {}
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        kwargs["cache_results"] = True  # keep tuning results across processes
+    return triton.autotune(configs=_configs(int8), key=["N", "K", "M_BUCKET"], **kwargs)
+
+
+@triton.jit
+def _scaled_gemm_body(
+    a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
+    M, N, K, M_BUCKET, stride_am, stride_bn, stride_cm,
+    A_ROWWISE: tl.constexpr, B_COLWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    INT_ACC: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % group) % size_m)
+    pid_n = (pid % group) // size_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    am = tl.where(rm < M, rm, 0)  # clamp instead of masking rows: loads stay unpredicated
+    bn = tl.where(rn < N, rn, 0)
+    a_ptrs = a_ptr + am[:, None] * stride_am + rk[None, :]
+    b_ptrs = b_ptr + bn[:, None] * stride_bn + rk[None, :]
+    if INT_ACC:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        kmask = rk[None, :] < K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=kmask, other=0)
+        b = tl.load(b_ptrs, mask=kmask, other=0)
+        if UPCAST:  # the interpreter's bf16 dot is wrong: multiply in fp32 there
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if INT_ACC:
+            acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+        else:
+            acc = tl.dot(a, tl.trans(b), acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    c = acc.to(tl.float32)
+    if A_ROWWISE:
+        c = c * tl.load(a_scale_ptr + rm, mask=rm < M, other=0.0)[:, None]
+    else:
+        c = c * tl.load(a_scale_ptr)
+    if B_COLWISE:
+        c = c * tl.load(b_scale_ptr + rn, mask=rn < N, other=0.0)[None, :]
+    else:
+        c = c * tl.load(b_scale_ptr)
+    if HAS_BIAS:
+        c = c + tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    cmask = (rm[:, None] < M) & (rn[None, :] < N)
+    tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :], c.to(c_ptr.dtype.element_ty), mask=cmask)
+
+
+_int8_gemm = _autotune(True)(_scaled_gemm_body)
+_float_gemm = _autotune(False)(_scaled_gemm_body)
+
+
+def scaled_gemm(a, b, a_scale, b_scale, bias=None, out_dtype=torch.bfloat16):
+    """(a [M,K] · b [N,K]ᵀ) * a_scale * b_scale + bias -> [M, N] in out_dtype."""
+    assert a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[1]
+    assert a.stride(1) == 1 and b.stride(1) == 1 and a.dtype == b.dtype
+    m, k = a.shape
+    n = b.shape[0]
+    int8 = a.dtype == torch.int8
+    out = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    a_scale = a_scale.reshape(-1) if a_scale.numel() > 1 else a_scale.reshape(())
+    b_scale = b_scale.reshape(-1) if b_scale.numel() > 1 else b_scale.reshape(())
+    kernel = _int8_gemm if int8 else _float_gemm
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    kernel[grid](
+        a, b, out, a_scale, b_scale, bias if bias is not None else out,
+        m, n, k, min(next_pow2(m), 32768), a.stride(0), b.stride(0), out.stride(0),
+        A_ROWWISE=a_scale.dim() == 1, B_COLWISE=b_scale.dim() == 1, HAS_BIAS=bias is not None,
+        INT_ACC=int8, UPCAST=interpreting() and not int8,
+    )
+    return out

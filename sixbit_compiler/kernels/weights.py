@@ -1,0 +1,78 @@
+"""Decode a stored NVFP4 weight into the operand a GEMM takes, once per call.
+
+Resident weights stay NVFP4 (4.5 bits); the decoded operand lives for one linear call.
+Decoding reads 0.56 B and writes 1 B (INT8) or 2 B (bf16) per weight: at the token counts
+of video DiTs (tens of thousands) that is 1-2 % of the GEMM's time, measured in
+docs/benchmarks.md, against +1 B per weight resident for a cached INT8 copy.
+
+Spec: ``formats.nvfp4_to_int8`` (INT8 route) and ``formats.nvfp4_block_values`` (values).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import e2m1_decode, next_pow2, rne
+
+
+@triton.jit
+def _decode_kernel(
+    packed_ptr, scales_ptr, ts_ptr, out_ptr, ch_scale_ptr, N, KP,
+    TO_INT8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    half = tl.arange(0, BLOCK_K // 2)
+    pmask = (rows[:, None] < N) & (half[None, :] < KP // 2)
+    b = tl.load(packed_ptr + rows[:, None] * (KP // 2) + half[None, :], mask=pmask, other=0).to(tl.int32)
+    codes = tl.reshape(tl.join(b & 15, b >> 4), (BLOCK_N, BLOCK_K))  # element 2i is the low nibble
+    blk = tl.arange(0, BLOCK_K // 16)
+    smask = (rows[:, None] < N) & (blk[None, :] < KP // 16)
+    s = tl.load(scales_ptr + rows[:, None] * (KP // 16) + blk[None, :], mask=smask, other=0)
+    s = s.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    vals = tl.reshape(tl.reshape(e2m1_decode(codes), (BLOCK_N, BLOCK_K // 16, 16)) * s[:, :, None], (BLOCK_N, BLOCK_K))
+    cols = tl.arange(0, BLOCK_K)
+    omask = (rows[:, None] < N) & (cols[None, :] < KP)
+    if TO_INT8:
+        w = vals * tl.load(ts_ptr)
+        lim = 3.4028234663852886e38
+        w = tl.minimum(tl.maximum(w, -lim), lim)
+        isnan = w != w
+        amax = tl.max(tl.where(isnan, 0.0, tl.abs(w)), axis=1)
+        has_nan = tl.max(isnan.to(tl.int32), axis=1) > 0
+        scale = amax / 127.0
+        safe = tl.where(scale > 0, scale, 1.0)
+        q = rne(tl.where(isnan, 0.0, w) / safe[:, None])
+        q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+        tl.store(out_ptr + rows[:, None] * KP + cols[None, :], q.to(tl.int8), mask=omask)
+        tl.store(ch_scale_ptr + rows, tl.where(has_nan, float("nan"), scale), mask=rows < N)
+    else:
+        tl.store(out_ptr + rows[:, None] * KP + cols[None, :], vals.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+def _launch(packed, block_scales_bits, tensor_scale, out, ch_scale, to_int8):
+    n, kp = packed.shape[0], packed.shape[1] * 2
+    block_k = next_pow2(kp)
+    block_n = max(1, min(32, 4096 // block_k))
+    _decode_kernel[(triton.cdiv(n, block_n),)](
+        packed, block_scales_bits, tensor_scale, out, ch_scale, n, kp,
+        TO_INT8=to_int8, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4 if block_k * block_n <= 4096 else 8,
+    )
+
+
+def decode_nvfp4_to_int8(packed, block_scales_bits, tensor_scale):
+    """-> (int8 [N, Kp], per-channel scale fp32 [N, 1]); equals formats.nvfp4_to_int8."""
+    n, kp = packed.shape[0], packed.shape[1] * 2
+    out = torch.empty((n, kp), dtype=torch.int8, device=packed.device)
+    scale = torch.empty((n, 1), dtype=torch.float32, device=packed.device)
+    _launch(packed, block_scales_bits, tensor_scale, out, scale, True)
+    return out, scale
+
+
+def decode_nvfp4_values(packed, block_scales_bits, dtype=torch.bfloat16):
+    """-> e2m1 * e4m3 block values [N, Kp] (exact in bf16); equals formats.nvfp4_block_values."""
+    n, kp = packed.shape[0], packed.shape[1] * 2
+    out = torch.empty((n, kp), dtype=dtype, device=packed.device)
+    _launch(packed, block_scales_bits, packed, out, out, False)  # ts / ch_scale unused
+    return out
