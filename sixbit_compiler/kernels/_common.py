@@ -9,7 +9,8 @@ import triton.language as tl
 
 # Adding and subtracting 1.5 * 2**23 rounds an fp32 |v| < 2**22 to the nearest integer,
 # ties to even (the FPU's own rounding), with no libdevice call.
-_RNE_MAGIC = 12582912.0
+_RNE_MAGIC = tl.constexpr(12582912.0)
+_NAN = tl.constexpr(float("nan"))
 
 
 @triton.jit
