@@ -10,13 +10,20 @@ import triton.language as tl
 # Adding and subtracting 1.5 * 2**23 rounds an fp32 |v| < 2**22 to the nearest integer,
 # ties to even (the FPU's own rounding), with no libdevice call.
 _RNE_MAGIC = tl.constexpr(12582912.0)
-_NAN = tl.constexpr(float("nan"))
 
 
 @triton.jit
 def rne(v):
     """Round to nearest integer, ties to even, for |v| < 2**22."""
     return (v + _RNE_MAGIC) - _RNE_MAGIC
+
+
+@triton.jit
+def where_nan(cond, x):
+    """fp32 x with NaN where cond holds (a NaN constant global trips Triton's
+    "global changed" check, since NaN != NaN, so the NaN is built from its bits)."""
+    nan = (x.to(tl.int32, bitcast=True) * 0 + 0x7FC00000).to(tl.float32, bitcast=True)
+    return tl.where(cond, nan, x)
 
 
 @triton.jit

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _NAN, e2m1_round, next_pow2, rne, round_to_e4m3
+from ._common import where_nan, e2m1_round, next_pow2, rne, round_to_e4m3
 
 _F4_MAX, _F8_MAX = 6.0, 448.0
 
@@ -42,7 +42,7 @@ def _int8_rows_kernel(
     q = tl.minimum(tl.maximum(q, -127.0), 127.0)
     tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q.to(tl.int8), mask=mask)
     row_ok = rows < M
-    tl.store(scale_ptr + rows, tl.where(has_nan, _NAN, scale), mask=row_ok)
+    tl.store(scale_ptr + rows, where_nan(has_nan, scale), mask=row_ok)
     tl.store(amax_ptr + rows, amax, mask=row_ok)
     tl.store(abssum_ptr + rows, tl.sum(a, axis=1), mask=row_ok)
 
@@ -105,7 +105,7 @@ def _nvfp4_values_kernel(
     scaled = tl.where(isnan, 0.0, scaled)
     mag = e2m1_round(tl.abs(scaled))
     val = tl.where(scaled < 0, -mag, mag) * bs[:, :, None]
-    val = tl.where(has_nan[:, :, None], _NAN, val)
+    val = where_nan(has_nan[:, :, None], val)
     val = tl.reshape(val, (BLOCK_M, BLOCK_K))
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], val.to(out_ptr.dtype.element_ty), mask=mask)
 

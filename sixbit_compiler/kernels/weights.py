@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _NAN, e2m1_decode, next_pow2, rne
+from ._common import where_nan, e2m1_decode, next_pow2, rne
 
 
 @triton.jit
@@ -46,7 +46,7 @@ def _decode_kernel(
         q = rne(tl.where(isnan, 0.0, w) / safe[:, None])
         q = tl.minimum(tl.maximum(q, -127.0), 127.0)
         tl.store(out_ptr + rows[:, None] * KP + cols[None, :], q.to(tl.int8), mask=omask)
-        tl.store(ch_scale_ptr + rows, tl.where(has_nan, _NAN, scale), mask=rows < N)
+        tl.store(ch_scale_ptr + rows, where_nan(has_nan, scale), mask=rows < N)
     else:
         tl.store(out_ptr + rows[:, None] * KP + cols[None, :], vals.to(out_ptr.dtype.element_ty), mask=omask)
 
