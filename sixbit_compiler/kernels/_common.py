@@ -1,7 +1,9 @@
 """Device helpers shared by the kernels: exact rounding without hardware conversions.
 
 The Triton interpreter rounds fp32->fp8 badly and has no rint, so every rounding here is
-plain fp32 arithmetic that behaves the same compiled and interpreted.
+plain fp32 arithmetic that behaves the same compiled and interpreted. Divisions that feed a
+rounding use ``tl.math.div_rn`` (IEEE, like torch): Triton's ``/`` on the GPU is an
+approximate division, which moved codes across rounding boundaries (seen on the H100).
 """
 
 import triton
@@ -33,7 +35,7 @@ def round_to_e4m3(v):
     exp = ((bits >> 23) & 0xFF) - 127
     exp = tl.maximum(exp, -6)  # e4m3 subnormals share the quantum of 2**-9
     quantum = ((exp - 3 + 127) << 23).to(tl.float32, bitcast=True)
-    return tl.minimum(rne(v / quantum) * quantum, 448.0)
+    return tl.minimum(rne(tl.math.div_rn(v, quantum)) * quantum, 448.0)
 
 
 @triton.jit

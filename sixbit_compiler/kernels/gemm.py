@@ -28,6 +28,8 @@ def _configs(int8: bool):
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=1)]
     bk = 128 if int8 else 64
     shapes = [(128, 256, bk, 8, 3), (256, 128, bk, 8, 3), (128, 128, bk, 8, 4), (128, 128, bk, 4, 4), (128, 256, bk // 2, 8, 4)]
+    if int8:  # deeper pipelines: an int8 stage of 256x128x128 is 48 KB of shared memory
+        shapes += [(256, 128, bk, 8, 4), (128, 256, bk, 8, 4)]
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
         for m, n, k, w, s in shapes

@@ -36,9 +36,9 @@ def _int8_rows_kernel(
     a = tl.where(isnan, 0.0, tl.abs(x))
     amax = tl.max(a, axis=1)
     has_nan = tl.max(isnan.to(tl.int32), axis=1) > 0
-    scale = amax / 127.0
+    scale = tl.math.div_rn(amax, 127.0)
     safe = tl.where(scale > 0, scale, 1.0)
-    q = rne(tl.where(isnan, 0.0, x) / safe[:, None])
+    q = rne(tl.math.div_rn(tl.where(isnan, 0.0, x), safe[:, None]))
     q = tl.minimum(tl.maximum(q, -127.0), 127.0)
     tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q.to(tl.int8), mask=mask)
     row_ok = rows < M
@@ -98,10 +98,10 @@ def _nvfp4_values_kernel(
     isnan = xb != xb
     amax = tl.max(tl.where(isnan, 0.0, tl.abs(xb)), axis=2)
     has_nan = tl.max(isnan.to(tl.int32), axis=2) > 0
-    bs = round_to_e4m3(tl.minimum(amax / 6.0 / ts_safe, 448.0))
+    bs = round_to_e4m3(tl.minimum(tl.math.div_rn(tl.math.div_rn(amax, 6.0), ts_safe), 448.0))
     denom = bs * ts_safe
     safe = tl.where(denom > 0, denom, 1.0)
-    scaled = tl.where(denom[:, :, None] > 0, xb / safe[:, :, None], 0.0)
+    scaled = tl.where(denom[:, :, None] > 0, tl.math.div_rn(xb, safe[:, :, None]), 0.0)
     scaled = tl.where(isnan, 0.0, scaled)
     mag = e2m1_round(tl.abs(scaled))
     val = tl.where(scaled < 0, -mag, mag) * bs[:, :, None]

@@ -41,9 +41,9 @@ def _decode_kernel(
         isnan = w != w
         amax = tl.max(tl.where(isnan, 0.0, tl.abs(w)), axis=1)
         has_nan = tl.max(isnan.to(tl.int32), axis=1) > 0
-        scale = amax / 127.0
+        scale = tl.math.div_rn(amax, 127.0)
         safe = tl.where(scale > 0, scale, 1.0)
-        q = rne(tl.where(isnan, 0.0, w) / safe[:, None])
+        q = rne(tl.math.div_rn(tl.where(isnan, 0.0, w), safe[:, None]))
         q = tl.minimum(tl.maximum(q, -127.0), 127.0)
         tl.store(out_ptr + rows[:, None] * KP + cols[None, :], q.to(tl.int8), mask=omask)
         tl.store(ch_scale_ptr + rows, where_nan(has_nan, scale), mask=rows < N)
