@@ -21,6 +21,13 @@ def rne(v):
 
 
 @triton.jit
+def is_nan(x):
+    """NaN test on the fp32 bits: exponent all ones, mantissa non-zero. (Not ``x != x``,
+    which an optimizer assuming no NaNs may fold to False.)"""
+    return (x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) > 0x7F800000
+
+
+@triton.jit
 def where_nan(cond, x):
     """fp32 x with NaN where cond holds (a NaN constant global trips Triton's
     "global changed" check, since NaN != NaN, so the NaN is built from its bits)."""

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import where_nan, e2m1_round, next_pow2, rne, round_to_e4m3
+from ._common import is_nan, where_nan, e2m1_round, next_pow2, rne, round_to_e4m3
 
 _F4_MAX, _F8_MAX = 6.0, 448.0
 
@@ -32,7 +32,7 @@ def _int8_rows_kernel(
     mask = (rows[:, None] < M) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     x = tl.where(x > limit, limit, tl.where(x < -limit, -limit, x))  # ±Inf saturates; NaN passes
-    isnan = x != x
+    isnan = is_nan(x)
     a = tl.where(isnan, 0.0, tl.abs(x))
     amax = tl.max(a, axis=1)
     has_nan = tl.max(isnan.to(tl.int32), axis=1) > 0
@@ -77,7 +77,7 @@ def _row_stats_kernel(x_ptr, amax_ptr, abssum_ptr, M, K, stride_xm, limit, BLOCK
     mask = (rows[:, None] < M) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     a = tl.abs(x)
-    a = tl.where(a != a, 0.0, tl.minimum(a, limit))
+    a = tl.where(is_nan(a), 0.0, tl.minimum(a, limit))
     tl.store(amax_ptr + rows, tl.max(a, axis=1), mask=rows < M)
     tl.store(abssum_ptr + rows, tl.sum(a, axis=1), mask=rows < M)
 
@@ -95,7 +95,7 @@ def _nvfp4_values_kernel(
     ts = tl.load(ts_ptr)
     ts_safe = tl.where(ts > 0, ts, 1.0)
     xb = tl.reshape(x, (BLOCK_M, BLOCK_K // 16, 16))
-    isnan = xb != xb
+    isnan = is_nan(xb)
     amax = tl.max(tl.where(isnan, 0.0, tl.abs(xb)), axis=2)
     has_nan = tl.max(isnan.to(tl.int32), axis=2) > 0
     bs = round_to_e4m3(tl.minimum(tl.math.div_rn(tl.math.div_rn(amax, 6.0), ts_safe), 448.0))

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import where_nan, e2m1_decode, next_pow2, rne
+from ._common import is_nan, where_nan, e2m1_decode, next_pow2, rne
 
 
 @triton.jit
@@ -38,7 +38,7 @@ def _decode_kernel(
         w = vals * tl.load(ts_ptr)
         lim = 3.4028234663852886e38
         w = tl.minimum(tl.maximum(w, -lim), lim)
-        isnan = w != w
+        isnan = is_nan(w)
         amax = tl.max(tl.where(isnan, 0.0, tl.abs(w)), axis=1)
         has_nan = tl.max(isnan.to(tl.int32), axis=1) > 0
         scale = tl.math.div_rn(amax, 127.0)
