@@ -25,6 +25,16 @@ def pad_last(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, padded - k))
 
 
+def div_exact(x: torch.Tensor, constant: float) -> torch.Tensor:
+    """x / constant with IEEE division on every device.
+
+    PyTorch's CUDA kernels divide by a Python scalar as a multiplication by its reciprocal,
+    which can differ by an ulp from true division (and from the kernels, which use IEEE
+    division). Dividing by a tensor keeps the spec the same on CPU and GPU.
+    """
+    return x / torch.full_like(x, constant)
+
+
 def saturate_fp32(x: torch.Tensor) -> torch.Tensor:
     """Clamp to the finite fp32 range (decoding a saturated Inf can round past it); NaN stays NaN."""
     limit = torch.finfo(torch.float32).max

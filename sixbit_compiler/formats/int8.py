@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import as_fp32, nan_free_abs, saturate_fp32
+from ._common import as_fp32, div_exact, nan_free_abs, saturate_fp32
 
 INT8_MAX = 127.0
 
@@ -24,7 +24,7 @@ def quantize_int8(x: torch.Tensor, axis: int = -1) -> tuple[torch.Tensor, torch.
     xf = as_fp32(x)
     amax = nan_free_abs(xf).amax(dim=axis, keepdim=True)
     has_nan = torch.isnan(xf).any(dim=axis, keepdim=True)
-    scale = amax / INT8_MAX
+    scale = div_exact(amax, INT8_MAX)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     codes = torch.round(xf / safe).clamp_(-INT8_MAX, INT8_MAX)
     codes = torch.nan_to_num(codes, nan=0.0).to(torch.int8)

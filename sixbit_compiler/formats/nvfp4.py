@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import as_fp32, nan_free_abs, pad_last, saturate_fp32
+from ._common import as_fp32, div_exact, nan_free_abs, pad_last, saturate_fp32
 from .int8 import quantize_int8
 
 NVFP4_BLOCK = 16
@@ -74,11 +74,11 @@ def quantize_nvfp4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     blocks = xf.reshape(*xf.shape[:-1], xf.shape[-1] // NVFP4_BLOCK, NVFP4_BLOCK)
     absb = nan_free_abs(blocks)
 
-    tensor_scale = absb.amax() / (F8_E4M3_MAX * F4_E2M1_MAX) if absb.numel() else absb.new_zeros(())
+    tensor_scale = div_exact(absb.amax(), F8_E4M3_MAX * F4_E2M1_MAX) if absb.numel() else absb.new_zeros(())
     ts_safe = torch.where(tensor_scale > 0, tensor_scale, torch.ones_like(tensor_scale))
 
     block_amax = absb.amax(dim=-1)
-    scale_f32 = (block_amax / F4_E2M1_MAX / ts_safe).clamp_(max=F8_E4M3_MAX)
+    scale_f32 = (div_exact(block_amax, F4_E2M1_MAX) / ts_safe).clamp_(max=F8_E4M3_MAX)
     block_has_nan = torch.isnan(blocks).any(dim=-1)
     scale_f32 = torch.where(block_has_nan, torch.full_like(scale_f32, float("nan")), scale_f32)
     block_scales = scale_f32.to(torch.float8_e4m3fn)

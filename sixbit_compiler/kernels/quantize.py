@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..formats._common import div_exact
 from ._common import is_nan, where_nan, e2m1_round, next_pow2, rne, round_to_e4m3
 
 _F4_MAX, _F8_MAX = 6.0, 448.0
@@ -130,7 +131,7 @@ def quantize_nvfp4_values(x: torch.Tensor, out_dtype: torch.dtype = torch.bfloat
     assert x.dim() == 2 and x.stride(1) == 1 and x.shape[1] % 16 == 0
     m, k = x.shape
     amax, abssum = row_stats(x)
-    ts = (amax.max() if m else amax.new_zeros(())) / (_F8_MAX * _F4_MAX)
+    ts = div_exact(amax.max() if m else amax.new_zeros(()), _F8_MAX * _F4_MAX)
     out = torch.empty((m, k), dtype=out_dtype, device=x.device)
     block_m, block_k, warps = _row_tiling(k)
     _nvfp4_values_kernel[(triton.cdiv(m, block_m),)](
