@@ -66,6 +66,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", type=int, default=32760)
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--quant-only", action="store_true", help="only the quantization and decode kernels")
     args = ap.parse_args()
     out_dir = os.environ.get("OUT", "out")
     os.makedirs(out_dir, exist_ok=True)
@@ -103,6 +104,15 @@ def main():
         bias = torch.randn(n, device=dev, dtype=torch.bfloat16, generator=g)
         flops = 2.0 * m * n * k
         r = {}
+        if args.quant_only:
+            qw = quantize_weight(w, False)
+            r["quant_int8_GBps"] = (m * k * 3) / bench(lambda: quantize_int8_rows(x)) / 1e9
+            r["quant_nvfp4_GBps_min_traffic"] = (m * k * 4) / bench(lambda: quantize_nvfp4_values(x)) / 1e9
+            r["decode_int8_s"] = bench(lambda: decode_nvfp4_to_int8(qw.packed, qw.block_scales_bits, qw.tensor_scale))
+            res["shapes"][shape] = r
+            save()
+            print(shape, r, flush=True)
+            continue
         t_bf16 = bench(lambda: x @ w.t())
         r["bf16_cublas"] = t_bf16
 

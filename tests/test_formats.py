@@ -37,15 +37,16 @@ def brute_force_e2m1(scaled: torch.Tensor) -> torch.Tensor:
 def reference_nvfp4(x: torch.Tensor) -> torch.Tensor:
     """Straightforward NVFP4 fake-quantization of a finite tensor (K multiple of 16).
 
-    The spec divides in fp32 (as kernels do), so the quotient is formed in fp32 here too;
-    everything else is float64 and exhaustive search.
+    The spec multiplies by the fp32 reciprocal of each block's scale (as kernels do), so that
+    product is formed in fp32 here too; everything else is float64 and exhaustive search.
     """
     xf = x.float()
     ts = xf.abs().max() / (448 * 6)
     blocks = xf.reshape(*xf.shape[:-1], -1, 16)
     bs = (blocks.abs().amax(-1) / 6 / ts).to(torch.float8_e4m3fn).float()
     denom = (bs * ts).unsqueeze(-1)
-    q = brute_force_e2m1(torch.where(denom > 0, blocks / denom, torch.zeros_like(blocks)))
+    inv = 1.0 / torch.where(denom > 0, denom, torch.ones_like(denom))
+    q = brute_force_e2m1(torch.where(denom > 0, blocks * inv, torch.zeros_like(blocks)))
     return (q * denom.double()).reshape(xf.shape)
 
 
@@ -194,7 +195,7 @@ def test_int8_per_token_matches_reference(dtype):
     ref_scale = xf.abs().amax(-1, keepdim=True) / 127
     ref_codes = torch.round(xf / ref_scale).clamp(-127, 127)
     torch.testing.assert_close(scale.double(), ref_scale, rtol=1e-6, atol=0)
-    assert (codes.double() - ref_codes).abs().max() <= 1  # fp32 vs fp64 division at exact .5 ties
+    assert (codes.double() - ref_codes).abs().max() <= 1  # fp32 reciprocal vs fp64 division at .5 ties
     assert int(codes.abs().max()) == 127 and int(codes.min()) >= -127
 
 

@@ -18,8 +18,8 @@ e4m3), which is what lets Hopper run NVFP4 math exactly through bf16 tensor
 cores: see :func:`nvfp4_block_values`.
 
 Rounding: the block scale is ``(block_amax / 6) / tensor_scale`` rounded to
-nearest-even e4m3; each value is divided (in fp32) by the *rounded* block scale
-times the tensor scale and rounded to the nearest e2m1 value, ties to even (even = mantissa bit 0, i.e. an
+nearest-even e4m3; each value is multiplied (in fp32) by the reciprocal of the
+*rounded* block scale times the tensor scale (one IEEE division per block) and rounded to the nearest e2m1 value, ties to even (even = mantissa bit 0, i.e. an
 even magnitude index), saturating at ±6.
 """
 
@@ -85,7 +85,8 @@ def quantize_nvfp4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
     denom = (block_scales.to(torch.float32) * ts_safe).unsqueeze(-1)
     safe_denom = torch.where(denom > 0, denom, torch.ones_like(denom))  # NaN compares False too
-    scaled = torch.where(denom > 0, blocks / safe_denom, torch.zeros_like(blocks))
+    inv = torch.ones_like(safe_denom) / safe_denom  # one IEEE division per block; kernels do the same
+    scaled = torch.where(denom > 0, blocks * inv, torch.zeros_like(blocks))
     codes = _encode_e2m1(scaled).reshape(xf.shape)
     packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
     return packed.contiguous(), block_scales.contiguous(), tensor_scale.to(torch.float32)

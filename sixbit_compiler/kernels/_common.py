@@ -1,9 +1,12 @@
 """Device helpers shared by the kernels: exact rounding without hardware conversions.
 
 The Triton interpreter rounds fp32->fp8 badly and has no rint, so every rounding here is
-plain fp32 arithmetic that behaves the same compiled and interpreted. Divisions that feed a
-rounding use ``tl.math.div_rn`` (IEEE, like torch): Triton's ``/`` on the GPU is an
-approximate division, which moved codes across rounding boundaries (seen on the H100).
+plain fp32 arithmetic that behaves the same compiled and interpreted. The few divisions
+(one per row or block) use ``tl.math.div_rn``: Triton's ``/`` on the GPU is approximate,
+which moved codes across rounding boundaries (seen on the H100), and an IEEE division per
+element cost 3x the bandwidth. Per element the kernels multiply by that reciprocal, as the
+spec does, launched with FMA contraction off (``NO_FMA``) so that ``x * inv`` is rounded
+before the rounding trick adds its constant.
 """
 
 import triton
@@ -42,7 +45,8 @@ def round_to_e4m3(v):
     exp = ((bits >> 23) & 0xFF) - 127
     exp = tl.maximum(exp, -6)  # e4m3 subnormals share the quantum of 2**-9
     quantum = ((exp - 3 + 127) << 23).to(tl.float32, bitcast=True)
-    return tl.minimum(rne(tl.math.div_rn(v, quantum)) * quantum, 448.0)
+    inv_quantum = ((127 - (exp - 3)) << 23).to(tl.float32, bitcast=True)  # exact power of two
+    return tl.minimum(rne(v * inv_quantum) * quantum, 448.0)
 
 
 @triton.jit
@@ -64,6 +68,10 @@ def e2m1_decode(code):
     idx = code & 7
     mag = tl.where(idx < 4, idx.to(tl.float32) * 0.5, tl.where(idx < 6, (idx - 2).to(tl.float32), tl.where(idx == 6, 4.0, 6.0)))
     return tl.where((code & 8) != 0, -mag, mag)
+
+
+#: Launch option of the quantization kernels: no fused multiply-add (module docstring).
+NO_FMA = {"enable_fp_fusion": False}
 
 
 def next_pow2(n: int) -> int:

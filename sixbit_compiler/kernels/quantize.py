@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ..formats._common import div_exact
-from ._common import is_nan, where_nan, e2m1_round, next_pow2, rne, round_to_e4m3
+from ._common import NO_FMA, e2m1_round, is_nan, next_pow2, rne, round_to_e4m3, where_nan
 
 _F4_MAX, _F8_MAX = 6.0, 448.0
 
@@ -39,7 +39,8 @@ def _int8_rows_kernel(
     has_nan = tl.max(isnan.to(tl.int32), axis=1) > 0
     scale = tl.math.div_rn(amax, 127.0)
     safe = tl.where(scale > 0, scale, 1.0)
-    q = rne(tl.math.div_rn(tl.where(isnan, 0.0, x), safe[:, None]))
+    inv = tl.math.div_rn(1.0, safe)
+    q = rne(tl.where(isnan, 0.0, x) * inv[:, None])
     q = tl.minimum(tl.maximum(q, -127.0), 127.0)
     tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q.to(tl.int8), mask=mask)
     row_ok = rows < M
@@ -66,7 +67,7 @@ def quantize_int8_rows(x: torch.Tensor):
     block_m, block_k, warps = _row_tiling(k)
     _int8_rows_kernel[(triton.cdiv(m, block_m),)](
         x, q, scale, amax, abssum, m, k, x.stride(0), q.stride(0), torch.finfo(x.dtype).max,
-        BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps,
+        BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps, **NO_FMA,
     )
     return q, scale, amax, abssum
 
@@ -102,7 +103,8 @@ def _nvfp4_values_kernel(
     bs = round_to_e4m3(tl.minimum(tl.math.div_rn(tl.math.div_rn(amax, 6.0), ts_safe), 448.0))
     denom = bs * ts_safe
     safe = tl.where(denom > 0, denom, 1.0)
-    scaled = tl.where(denom[:, :, None] > 0, tl.math.div_rn(xb, safe[:, :, None]), 0.0)
+    inv = tl.math.div_rn(1.0, safe)
+    scaled = tl.where(denom[:, :, None] > 0, xb * inv[:, :, None], 0.0)
     scaled = tl.where(isnan, 0.0, scaled)
     mag = e2m1_round(tl.abs(scaled))
     val = tl.where(scaled < 0, -mag, mag) * bs[:, :, None]
@@ -136,6 +138,6 @@ def quantize_nvfp4_values(x: torch.Tensor, out_dtype: torch.dtype = torch.bfloat
     block_m, block_k, warps = _row_tiling(k)
     _nvfp4_values_kernel[(triton.cdiv(m, block_m),)](
         x, out, ts, m, k, x.stride(0), out.stride(0), torch.finfo(x.dtype).max,
-        BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps,
+        BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps, **NO_FMA,
     )
     return out, ts, amax, abssum

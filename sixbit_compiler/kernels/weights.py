@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import is_nan, where_nan, e2m1_decode, next_pow2, rne
+from ._common import NO_FMA, e2m1_decode, is_nan, next_pow2, rne, where_nan
 
 
 @triton.jit
@@ -43,7 +43,8 @@ def _decode_kernel(
         has_nan = tl.max(isnan.to(tl.int32), axis=1) > 0
         scale = tl.math.div_rn(amax, 127.0)
         safe = tl.where(scale > 0, scale, 1.0)
-        q = rne(tl.math.div_rn(tl.where(isnan, 0.0, w), safe[:, None]))
+        inv = tl.math.div_rn(1.0, safe)
+        q = rne(tl.where(isnan, 0.0, w) * inv[:, None])
         q = tl.minimum(tl.maximum(q, -127.0), 127.0)
         tl.store(out_ptr + rows[:, None] * KP + cols[None, :], q.to(tl.int8), mask=omask)
         tl.store(ch_scale_ptr + rows, where_nan(has_nan, scale), mask=rows < N)
@@ -57,7 +58,7 @@ def _launch(packed, block_scales_bits, tensor_scale, out, ch_scale, to_int8):
     block_n = max(1, min(32, 4096 // block_k))
     _decode_kernel[(triton.cdiv(n, block_n),)](
         packed, block_scales_bits, tensor_scale, out, ch_scale, n, kp,
-        TO_INT8=to_int8, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4 if block_k * block_n <= 4096 else 8,
+        TO_INT8=to_int8, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4 if block_k * block_n <= 4096 else 8, **NO_FMA,
     )
 
 
