@@ -41,3 +41,17 @@ def test_passes_and_codegen_install_inside_the_package():
         for d in site_dirs:
             assert not os.path.exists(os.path.join(d, top)), f"{top} installed at the top of {d}"
     assert os.path.realpath(sixbit_compiler.passes.__file__).startswith(os.path.join(ROOT, "passes"))
+
+
+def test_every_subpackage_is_packaged():
+    """pyproject lists packages explicitly (passes/ and codegen/ are remapped): none may be missing."""
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+    found = set()
+    for dirpath, _, files in os.walk(os.path.join(ROOT, "sixbit_compiler")):
+        if "__init__.py" in files:
+            found.add(os.path.relpath(dirpath, ROOT).replace(os.sep, "."))
+    found |= {"sixbit_compiler.passes", "sixbit_compiler.codegen"}
+    assert found == listed
