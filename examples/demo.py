@@ -15,7 +15,6 @@ reference model lands (then the demo will generate a real video of a prompt).
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 
 import torch

@@ -1,6 +1,5 @@
 """The numerics spec (sixbit_compiler.formats) against brute-force references and nasty inputs."""
 
-import itertools
 
 import pytest
 import torch

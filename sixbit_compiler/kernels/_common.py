@@ -39,6 +39,24 @@ def where_nan(cond, x):
 
 
 @triton.jit
+def int8_rows(x):
+    """Per-row symmetric INT8 of fp32 x [R, C], as ``formats.quantize_int8`` (axis=-1).
+
+    Returns (codes as fp32, scale [R] with NaN for rows holding NaN, row amax, |x| with
+    NaN as 0). Infinities must already be saturated.
+    """
+    isnan = is_nan(x)
+    a = tl.where(isnan, 0.0, tl.abs(x))
+    amax = tl.max(a, axis=1)
+    has_nan = tl.max(isnan.to(tl.int32), axis=1) > 0
+    scale = tl.math.div_rn(amax, 127.0)
+    inv = tl.math.div_rn(1.0, tl.where(scale > 0, scale, 1.0))
+    q = rne(tl.where(isnan, 0.0, x) * inv[:, None])
+    q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+    return q, where_nan(has_nan, scale), amax, a
+
+
+@triton.jit
 def round_to_e4m3(v):
     """Round non-negative fp32 v (<= 448) to the nearest e4m3 value, ties to even (exact)."""
     bits = v.to(tl.int32, bitcast=True)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ..formats._common import div_exact
-from ._common import NO_FMA, e2m1_round, is_nan, next_pow2, rne, round_to_e4m3, where_nan
+from ._common import NO_FMA, e2m1_round, int8_rows, is_nan, next_pow2, round_to_e4m3, where_nan
 
 _F4_MAX, _F8_MAX = 6.0, 448.0
 
@@ -33,18 +33,10 @@ def _int8_rows_kernel(
     mask = (rows[:, None] < M) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     x = tl.where(x > limit, limit, tl.where(x < -limit, -limit, x))  # ±Inf saturates; NaN passes
-    isnan = is_nan(x)
-    a = tl.where(isnan, 0.0, tl.abs(x))
-    amax = tl.max(a, axis=1)
-    has_nan = tl.max(isnan.to(tl.int32), axis=1) > 0
-    scale = tl.math.div_rn(amax, 127.0)
-    safe = tl.where(scale > 0, scale, 1.0)
-    inv = tl.math.div_rn(1.0, safe)
-    q = rne(tl.where(isnan, 0.0, x) * inv[:, None])
-    q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+    q, scale, amax, a = int8_rows(x)
     tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q.to(tl.int8), mask=mask)
     row_ok = rows < M
-    tl.store(scale_ptr + rows, where_nan(has_nan, scale), mask=row_ok)
+    tl.store(scale_ptr + rows, scale, mask=row_ok)
     tl.store(amax_ptr + rows, amax, mask=row_ok)
     tl.store(abssum_ptr + rows, tl.sum(a, axis=1), mask=row_ok)
 

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import NO_FMA, e2m1_decode, is_nan, next_pow2, rne, where_nan
+from ._common import NO_FMA, e2m1_decode, int8_rows, next_pow2
 
 
 @triton.jit
@@ -38,16 +38,9 @@ def _decode_kernel(
         w = vals * tl.load(ts_ptr)
         lim = 3.4028234663852886e38
         w = tl.minimum(tl.maximum(w, -lim), lim)
-        isnan = is_nan(w)
-        amax = tl.max(tl.where(isnan, 0.0, tl.abs(w)), axis=1)
-        has_nan = tl.max(isnan.to(tl.int32), axis=1) > 0
-        scale = tl.math.div_rn(amax, 127.0)
-        safe = tl.where(scale > 0, scale, 1.0)
-        inv = tl.math.div_rn(1.0, safe)
-        q = rne(tl.where(isnan, 0.0, w) * inv[:, None])
-        q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+        q, scale, _, _ = int8_rows(w)
         tl.store(out_ptr + rows[:, None] * KP + cols[None, :], q.to(tl.int8), mask=omask)
-        tl.store(ch_scale_ptr + rows, where_nan(has_nan, scale), mask=rows < N)
+        tl.store(ch_scale_ptr + rows, scale, mask=rows < N)
     else:
         tl.store(out_ptr + rows[:, None] * KP + cols[None, :], vals.to(out_ptr.dtype.element_ty), mask=omask)
 
