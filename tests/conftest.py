@@ -26,26 +26,5 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def capture(model, *args, **kwargs):
-    """Dynamo-capture ``model`` once; returns (GraphModule, example_inputs)."""
-    captured = []
-
-    def backend(gm, example_inputs, **_):
-        captured.append((gm, list(example_inputs)))
-        return gm.forward
-
-    with torch.no_grad():
-        torch.compile(model, backend=backend)(*args, **kwargs)
-    assert len(captured) == 1, "expected a single graph"
-    return captured[0]
-
-
-def context_for(gm, example_inputs, **options):
-    from sixbit_compiler.backend import copy_graph_module
-    from sixbit_compiler.context import CompileContext
-    from sixbit_compiler.options import SixbitOptions
-    from sixbit_compiler.runtime import SixbitRuntime
-
-    opts = SixbitOptions.from_dict(options)
-    gm = copy_graph_module(gm)
-    return gm, CompileContext.for_graph(gm, example_inputs, opts, runtime=SixbitRuntime(opts))
+# Pass-test helpers are public API (sixbit_compiler.testing); tests import them from here.
+from sixbit_compiler.testing import capture, context_for  # noqa: E402,F401

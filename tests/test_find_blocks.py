@@ -100,3 +100,16 @@ def test_no_blocks_in_a_plain_mlp():
     gm, ex = capture(model, torch.randn(2, 3, 8))
     gm, ctx = run_find_blocks(gm, ex)
     assert ctx.blocks == []  # children are bare Linears, not blocks
+
+
+def test_capture_helper_refuses_graph_breaks():
+    from sixbit_compiler.testing import capture as public_capture
+
+    class Breaks(torch.nn.Module):
+        def forward(self, x):
+            x = x + 1
+            torch._dynamo.graph_break()
+            return x * 2
+
+    with pytest.raises(AssertionError, match="graph breaks"):
+        public_capture(Breaks(), torch.randn(2))

@@ -1,0 +1,52 @@
+"""Helpers for writing pass-level tests (the project's own tests use them too).
+
+    from sixbit_compiler.testing import capture, context_for, op_counts
+    from sixbit_compiler.passes import find_blocks, quantize_linears
+
+    gm, example_inputs = capture(model, **inputs)       # the graph Dynamo would hand sixbit
+    gm, ctx = context_for(gm, example_inputs, activation="nvfp4")
+    find_blocks(gm, ctx)
+    before = op_counts(gm.graph)
+    quantize_linears(gm, ctx)
+    assert op_counts(gm.graph)["sixbit.quantized_linear.default"] == before["F.linear"] - 6
+
+See docs/passes.md.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .fx_utils import op_counts
+
+__all__ = ["capture", "context_for", "op_counts"]
+
+
+def capture(model, *args, **kwargs):
+    """Dynamo-capture one call of ``model`` under no_grad; returns (GraphModule, example_inputs).
+
+    Raises if Dynamo produced more than one graph (a graph break).
+    """
+    captured = []
+
+    def backend(gm, example_inputs, **_):
+        captured.append((gm, list(example_inputs)))
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(*args, **kwargs)
+    if len(captured) != 1:
+        raise AssertionError(f"expected one graph, Dynamo produced {len(captured)} (graph breaks)")
+    return captured[0]
+
+
+def context_for(gm, example_inputs, **options):
+    """A private copy of ``gm`` and a fresh CompileContext (with its own runtime) for ``options``."""
+    from .backend import copy_graph_module
+    from .context import CompileContext
+    from .options import SixbitOptions
+    from .runtime import SixbitRuntime
+
+    opts = SixbitOptions.from_dict(options)
+    gm = copy_graph_module(gm)
+    return gm, CompileContext.for_graph(gm, example_inputs, opts, runtime=SixbitRuntime(opts))
