@@ -46,13 +46,19 @@ def make_model(device, dtype, seed=0):
     return model.to(device=device, dtype=dtype)
 
 
-def sample(model, latents, cond, uncond, steps, guidance, device):
-    """Wan-style sampling: UniPC flow-matching scheduler, two model calls per step for CFG."""
+def make_scheduler(steps, device):
+    """The Wan pipeline's scheduler: UniPC on flow-matching sigmas, shift 3."""
     from diffusers import UniPCMultistepScheduler
 
     sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
                                     num_train_timesteps=1000)
     sched.set_timesteps(steps, device=device)
+    return sched
+
+
+def sample(model, latents, cond, uncond, steps, guidance, device):
+    """Wan-style sampling: two model calls per step for CFG."""
+    sched = make_scheduler(steps, device)
     x = latents.clone()
     per_call = []
     for t in sched.timesteps:
@@ -101,8 +107,9 @@ def main(argv=None):
         options = {"activation": args.activation, "dump_dir": args.dump_dir, "hadamard": args.hadamard}
         compiled = torch.compile(model, backend="sixbit", options=options)
         t0 = time.perf_counter()
-        compiled(hidden_states=latents, timestep=torch.full((1,), 999.0, device=device), encoder_hidden_states=cond,
-                 return_dict=False)
+        # the same dtype and strides as the loop's t.expand(batch): a mismatch would recompile
+        first_t = make_scheduler(args.steps, device).timesteps[0].expand(latents.shape[0])
+        compiled(hidden_states=latents, timestep=first_t, encoder_hidden_states=cond, return_dict=False)
         _sync(device)
         compile_s = time.perf_counter() - t0
         sixbit_compiler.reset(compiled)  # the warm-up call is not part of the generation
@@ -124,7 +131,9 @@ def main(argv=None):
         print(f"  peak allocated (loop)    {torch.cuda.max_memory_allocated() / 2**20:8.1f} MiB")
     counts = ", ".join(f"{k} {v}" for k, v in summary["precision_counts"].items() if v)
     print(f"  precision mix            {counts} layer-calls; {summary['avg_activation_bits']:.2f} activation bits on average")
-    print(f"  calls / steps            {summary['calls']} / {summary['steps']}, syncs per call {summary['syncs_per_call']:.2f}")
+    compiles = sixbit_compiler.stats(compiled)["summary"]["compiles"]
+    print(f"  calls / steps            {summary['calls']} / {summary['steps']}, syncs per call "
+          f"{summary['syncs_per_call']:.2f}, compiles {compiles}")
     print(f"  fidelity vs bf16         PSNR {fid['psnr_db']:.2f} dB, SSIM {fid['ssim']:.4f}, "
           f"rel. L2 {fid['relative_l2']:.4f}, cosine {fid['cosine']:.5f}")
     print(f"  dumps                    {args.dump_dir}/ (index.md per compile)")
