@@ -28,7 +28,7 @@ from .context import CompileContext
 from .dump import DumpWriter
 from .options import SixbitOptions
 from .pass_manager import PassManager
-from .runtime import runtime_for_inputs
+from .runtime import InputResolver, runtime_for_inputs
 from .weight_store import STORE
 
 log = logging.getLogger("sixbit")
@@ -51,7 +51,8 @@ def _model_label(ctx: CompileContext) -> str:
     return ", ".join(f"{n} x {c}" for c, n in classes.items())
 
 
-def build_pipeline(options: SixbitOptions) -> PassManager:
+def build_pipeline() -> PassManager:
+    """Every registered pass, in order; the manager skips those the options switch off."""
     from .passes import PASS_REGISTRY
 
     return PassManager(list(PASS_REGISTRY.items()))
@@ -83,7 +84,7 @@ def sixbit_backend(gm: fx.GraphModule, example_inputs, options=None, **kwargs):
     dump = DumpWriter(opts.dump_dir, compile_id) if opts.dump_dir else None
     t0 = time.perf_counter()
     try:
-        records = build_pipeline(opts).run(gm, ctx, dump)
+        records = build_pipeline().run(gm, ctx, dump)
     except Exception as exc:
         if already_released:
             raise RuntimeError(
@@ -91,6 +92,8 @@ def sixbit_backend(gm: fx.GraphModule, example_inputs, options=None, **kwargs):
                 "unquantized path to fall back to."
             ) from exc
         log.error("sixbit: compile %s failed (%s: %s); running this graph unquantized", compile_id, type(exc).__name__, exc)
+        if runtime.compiles == 1:  # no earlier graph of this model uses the store: drop what this one added
+            STORE.discard(p for p in example_inputs if isinstance(p, torch.Tensor))
         return dynamo_gm.forward
     runtime.block_names = [b.name for b in ctx.blocks] or runtime.block_names
     name = _model_label(ctx)
@@ -136,14 +139,4 @@ def _lower(gm: fx.GraphModule, ctx: CompileContext, specs, lowering: str):
         return gm
     from torch._inductor.compile_fx import compile_fx
 
-    from .weight_store import STORE as store
-
-    inputs = []
-    for s in specs:
-        if s.kind == "arg":
-            inputs.append(ctx.example_inputs[s.index])
-        elif s.kind == "qweight":
-            inputs.append(getattr(store.get(ctx.example_inputs[s.index]), s.field))
-        else:
-            inputs.append(ctx.runtime.precision_slots)
-    return compile_fx(gm, inputs)
+    return compile_fx(gm, InputResolver(specs, ctx.runtime)(ctx.example_inputs))

@@ -43,6 +43,7 @@ class CallRecord:
     timestep: float | None
     batch: int | None
     precisions: bytes  # one Precision code per slot, as used by this call
+    syncs: int  # device-to-host transfers this call made (at most one)
 
 
 class StepTracker:
@@ -117,7 +118,6 @@ class SixbitRuntime:
         self.precision_slots = torch.zeros(0, dtype=torch.int8)
         self.tracker = StepTracker()
         self.records: list[CallRecord] = []
-        self.syncs = 0
         self.compiles = 0
         self.block_names: list[str] = []
         self.forced: Precision | None = None
@@ -140,7 +140,7 @@ class SixbitRuntime:
         t_index = _find_input(dynamo_names, self.options.timestep_input or ("timestep", "timesteps", "t"))
         cond_index = _find_input(dynamo_names, ("encoder_hidden_states", "context", "cond", "y"))
         x_index = _find_input(dynamo_names, ("hidden_states", "x", "latents", "sample"))
-        resolve = _InputResolver(specs, self)
+        resolve = InputResolver(specs, self)
 
         def sixbit_call(*args):
             self.begin_call(
@@ -156,10 +156,9 @@ class SixbitRuntime:
     # ---- per call -------------------------------------------------------------------
     def begin_call(self, timestep, cond, hidden) -> None:
         """The once-per-call decision point (at most one device-to-host sync)."""
-        t = None
+        t, syncs = None, 0
         if isinstance(timestep, torch.Tensor) and timestep.numel() > 0:
-            if timestep.device.type != "cpu":
-                self.syncs += 1  # the single transfer of this call
+            syncs = int(timestep.device.type != "cpu")  # the single transfer of this call
             t = float(timestep.reshape(-1)[0].item())
         elif isinstance(timestep, (int, float)):
             t = float(timestep)
@@ -173,7 +172,7 @@ class SixbitRuntime:
             self.records.append(
                 CallRecord(
                     self.tracker.generation, self.tracker.step, self.tracker.branch, t, batch,
-                    self.precision_slots.numpy().tobytes(),
+                    self.precision_slots.numpy().tobytes(), syncs,
                 )
             )
 
@@ -195,8 +194,11 @@ class SixbitRuntime:
         )
 
 
-class _InputResolver:
-    """Maps Dynamo's args to the transformed graph's inputs, caching the weight lookups."""
+class InputResolver:
+    """Maps Dynamo's args to the transformed graph's inputs, caching the weight lookups.
+
+    Used per call by the runtime, and once at compile time to build example inputs.
+    """
 
     def __init__(self, specs: Sequence[InputSpec], runtime: SixbitRuntime):
         self.specs = list(specs)
@@ -300,7 +302,7 @@ def summarize(records: list[CallRecord], rt: SixbitRuntime) -> dict:
         "avg_activation_bits": bits,
         "skip_rate": 0.0,
         "skipped_blocks": 0,
-        "syncs_per_call": (rt.syncs / len(rt.records)) if rt.records else 0.0,
+        "syncs_per_call": sum(r.syncs for r in records) / len(records) if records else 0.0,
     }
 
 

@@ -118,6 +118,12 @@ class WeightStore:
             self._entries[key] = (ref, qw)
         return qw
 
+    def discard(self, params) -> None:
+        """Forget the quantized form of unreleased ``params`` (a compile that failed)."""
+        for p in params:
+            if self.get(p) is not None and id(p) not in self._released:
+                self._forget(id(p))
+
     def release(self, params: list[torch.Tensor]) -> int:
         """Free the bf16 storage of quantized ``params``; returns bytes released."""
         freed = 0

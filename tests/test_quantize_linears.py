@@ -7,6 +7,7 @@ from conftest import capture, context_for
 from models import cogvideox_inputs, scratch_dit, tiny_cogvideox, tiny_wan, wan_inputs
 from sixbit_compiler.fx_utils import op_counts
 from sixbit_compiler.passes import find_blocks, quantize_linears
+from sixbit_compiler.runtime import InputResolver
 from sixbit_compiler.weight_store import STORE
 
 LINEAR = "F.linear"
@@ -80,15 +81,7 @@ def test_transformed_graph_runs_and_is_close():
         ref = model(x, t)
     gm, ex = capture(model, x, t)
     gm, ctx, *_ = run_passes(gm, ex, activation="int8")
-    inputs = []
-    for name in [n.name for n in gm.graph.nodes if n.op == "placeholder"]:
-        spec = ctx.input_specs[name]
-        if spec.kind == "arg":
-            inputs.append(ex[spec.index])
-        elif spec.kind == "qweight":
-            inputs.append(getattr(STORE.get(ex[spec.index]), spec.field))
-        else:
-            inputs.append(ctx.runtime.precision_slots)
+    inputs = InputResolver(ctx.ordered_specs(gm), ctx.runtime)(ex)
     with torch.no_grad():
         out = gm(*inputs)[0]
     err = float((out - ref).norm() / ref.norm())
