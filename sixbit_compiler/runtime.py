@@ -109,6 +109,10 @@ class StepTracker:
 
 
 class SixbitRuntime:
+    #: Call records are kept for this many recent generations, so a long-running server's
+    #: runtime stays small; stats() reports over them.
+    HISTORY_GENERATIONS = 8
+
     def __init__(self, options: SixbitOptions, name: str = "model"):
         self.options = options
         self.name = name
@@ -167,6 +171,9 @@ class SixbitRuntime:
             new_gen = self.tracker.advance(t, cond_key)
             if new_gen and self.records:
                 self._log_generation_summary(self.records[-1].generation)
+                oldest_kept = self.tracker.generation - self.HISTORY_GENERATIONS + 1
+                if self.records[0].generation < oldest_kept:
+                    self.records = [r for r in self.records if r.generation >= oldest_kept]
             self.decide()
             batch = int(hidden.shape[0]) if isinstance(hidden, torch.Tensor) and hidden.dim() > 0 else None
             self.records.append(
@@ -307,7 +314,8 @@ def summarize(records: list[CallRecord], rt: SixbitRuntime) -> dict:
 
 
 def stats(model: torch.nn.Module) -> dict:
-    """What the compiled model ran: a summary plus one entry per model call.
+    """What the compiled model ran: a summary plus one entry per model call, over the
+    last ``SixbitRuntime.HISTORY_GENERATIONS`` generations (older calls are dropped).
 
     ``summary``: calls, generations, steps, ``precision_counts`` (layer-calls per
     precision), ``avg_activation_bits`` over computed layers, ``skip_rate`` (0 until

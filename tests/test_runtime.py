@@ -85,3 +85,14 @@ def test_inductor_lowering_matches_eager_lowering():
         with torch.no_grad():
             outs.append(torch.compile(model, backend="sixbit", options={"lowering": lowering})(x, t))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+
+
+def test_call_history_is_bounded_to_recent_generations():
+    rt = SixbitRuntime(SixbitOptions())
+    rt.slot_for("a", None)
+    for gen in range(rt.HISTORY_GENERATIONS + 3):
+        for t in (900, 500, 100):
+            rt.begin_call(torch.tensor([t]), None, None)
+    gens = sorted({r.generation for r in rt.records})
+    assert gens == list(range(3, rt.HISTORY_GENERATIONS + 3))
+    assert len(rt.records) == 3 * rt.HISTORY_GENERATIONS
