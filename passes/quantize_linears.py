@@ -81,7 +81,8 @@ def quantize_linears(gm: fx.GraphModule, ctx: CompileContext) -> None:
     graph = gm.graph
     hadamard = ctx.options.hadamard
     slots_node: fx.Node | None = None
-    weight_nodes: dict[str, tuple[fx.Node, fx.Node, fx.Node]] = {}
+    # weight placeholder -> its three NVFP4 placeholders
+    weight_nodes: dict[fx.Node, tuple[fx.Node, fx.Node, fx.Node]] = {}
 
     for node in list(graph.nodes):
         if not is_linear(node):
@@ -103,7 +104,7 @@ def quantize_linears(gm: fx.GraphModule, ctx: CompileContext) -> None:
 
         weight = ctx.example_input(w)
         spec = ctx.input_specs[w.name]
-        if w.name not in weight_nodes:
+        if w not in weight_nodes:
             qw = STORE.quantize(weight, hadamard)
             stem = (path or w.name).replace(".", "_")
             added = []
@@ -111,7 +112,7 @@ def quantize_linears(gm: fx.GraphModule, ctx: CompileContext) -> None:
                 ph = add_placeholder(graph, f"{stem}_w_{field.replace('_bits', '')}")
                 ctx.input_specs[ph.name] = InputSpec("qweight", spec.index, field)
                 added.append(ph)
-            weight_nodes[w.name] = tuple(added)
+            weight_nodes[w] = tuple(added)
             info.reason = f"NVFP4 weight ({qw.nbytes} B, was {qw.source_nbytes} B)"
         else:
             info.reason = "NVFP4 weight (shared with an earlier linear)"
@@ -120,7 +121,7 @@ def quantize_linears(gm: fx.GraphModule, ctx: CompileContext) -> None:
             ctx.input_specs[slots_node.name] = InputSpec("precision_slots")
 
         slot = ctx.runtime.slot_for(path, info.block)
-        packed, scales, tscale = weight_nodes[w.name]
+        packed, scales, tscale = weight_nodes[w]
         with graph.inserting_before(node):
             new = graph.call_function(
                 QUANTIZED_LINEAR,
@@ -131,12 +132,11 @@ def quantize_linears(gm: fx.GraphModule, ctx: CompileContext) -> None:
         graph.erase_node(node)
         info.status, info.slot = "quantized", slot
 
-    for wname in weight_nodes:
-        w = next(n for n in graph.nodes if n.name == wname)
+    for w in weight_nodes:
         param = ctx.example_input(w)
         if not w.users:
+            del ctx.input_specs[w.name]
             graph.erase_node(w)
-            del ctx.input_specs[wname]
             ctx.weights_to_release.append(param)
         else:
-            ctx.notes.append(f"quantize_linears: {wname} is also read by non-linear ops; its bf16 copy is kept")
+            ctx.notes.append(f"quantize_linears: {w.name} is also read by non-linear ops; its bf16 copy is kept")
