@@ -8,10 +8,11 @@ meta (any diffusers transformer, or a DiT written from scratch).
 Finds: the repeated blocks, generically. A *block group* is a container
 (``nn.ModuleList`` / ``nn.Sequential``) whose integer-indexed children of one
 class each contain a linear call and submodules of their own. Groups nested
-inside another group's member are ignored (an FFN's ``net.0`` is not a block),
-and so are groups with fewer members than the largest, unless they have at least
-two (HunyuanVideo's dual- and single-stream block lists are both found). No model
-names are hard-coded.
+inside another group's member are ignored (an FFN's ``net.0`` is not a block).
+Of the outermost groups, every one with at least two members and more than a
+quarter of the largest group's members is kept: HunyuanVideo's 20 dual-stream and
+40 single-stream blocks are both found, its 2-layer text token refiner (an
+auxiliary network on the conditioning path) is not. No model names are hard-coded.
 
 Guarantees:
 * every node inside block ``blocks.3`` has ``meta["sixbit_block"] == "blocks.3"``
@@ -68,8 +69,11 @@ def find_blocks(gm: fx.GraphModule, ctx: CompileContext) -> None:
         nested = any(group == mp or group.startswith(mp + ".") for _, am in accepted for mp in am)
         if nested:
             continue
-        if len(m) < min(2, largest):
-            ctx.notes.append(f"find_blocks: ignored {group!r} ({key[1].__name__} x{len(m)}): fewer than 2 members")
+        if len(m) < min(2, largest) or len(m) <= largest / 4:
+            ctx.notes.append(
+                f"find_blocks: ignored {group!r} ({key[1].__name__} x{len(m)}): too short a run "
+                f"(largest block group has {largest})"
+            )
             continue
         accepted.append((key, m))
 

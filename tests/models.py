@@ -49,6 +49,31 @@ def cogvideox_inputs(seed=1, timestep=500):
     )
 
 
+def tiny_hunyuan(num_layers=4, num_single_layers=8, num_refiner_layers=2, seed=0):
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    return HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=num_layers,
+        num_single_layers=num_single_layers, num_refiner_layers=num_refiner_layers, mlp_ratio=2.0, patch_size=1,
+        patch_size_t=1, qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=32, pooled_projection_dim=16,
+        rope_theta=256.0, rope_axes_dim=(4, 6, 6),
+    ).eval()
+
+
+def hunyuan_inputs(seed=1, timestep=500):
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        hidden_states=torch.randn(1, 4, 3, 8, 8, generator=g),
+        timestep=torch.tensor([timestep]),
+        encoder_hidden_states=torch.randn(1, 7, 32, generator=g),
+        encoder_attention_mask=torch.ones(1, 7, dtype=torch.bool),
+        pooled_projections=torch.randn(1, 16, generator=g),
+        guidance=torch.tensor([6000.0]),
+        return_dict=False,
+    )
+
+
 class ScratchBlock(nn.Module):
     """A DiT block written from scratch: AdaLN modulation, attention, MLP."""
 

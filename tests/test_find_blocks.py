@@ -5,7 +5,7 @@ import torch
 import torch.fx as fx
 
 from conftest import capture, context_for
-from models import cogvideox_inputs, scratch_dit, tiny_cogvideox, tiny_wan, wan_inputs
+from models import cogvideox_inputs, hunyuan_inputs, scratch_dit, tiny_cogvideox, tiny_hunyuan, tiny_wan, wan_inputs
 from sixbit_compiler.fx_utils import op_counts
 from sixbit_compiler.passes import find_blocks
 
@@ -113,3 +113,12 @@ def test_capture_helper_refuses_graph_breaks():
 
     with pytest.raises(AssertionError, match="graph breaks"):
         public_capture(Breaks(), torch.randn(2))
+
+
+def test_hunyuan_dual_and_single_stream_blocks_but_not_the_text_refiner():
+    gm, ex = capture(tiny_hunyuan(num_layers=4, num_single_layers=8, num_refiner_layers=2), **hunyuan_inputs())
+    gm, ctx = run_find_blocks(gm, ex)
+    names = [b.name for b in ctx.blocks]
+    assert names == [f"transformer_blocks.{i}" for i in range(4)] + [f"single_transformer_blocks.{i}" for i in range(8)]
+    assert {b.cls for b in ctx.blocks} == {"HunyuanVideoTransformerBlock", "HunyuanVideoSingleTransformerBlock"}
+    assert any("refiner_blocks" in note and "too short a run" in note for note in ctx.notes)
