@@ -5,6 +5,7 @@ and states its contract in its module docstring. Switch one off with
 ``options={"passes": {"<name>": False}}``.
 """
 
+from .block_regions import block_regions
 from .find_blocks import find_blocks
 from .quantize_linears import quantize_linears
 
@@ -12,6 +13,7 @@ from .quantize_linears import quantize_linears
 PASS_REGISTRY = {
     "find_blocks": find_blocks,
     "quantize_linears": quantize_linears,
+    "block_regions": block_regions,
 }
 
-__all__ = ["PASS_REGISTRY", "find_blocks", "quantize_linears"]
+__all__ = ["PASS_REGISTRY", "block_regions", "find_blocks", "quantize_linears"]

@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):  # keep `import sixbit_compiler` light; torch.fx machinery loads on use
-    if name in ("stats", "memory_report", "reset", "runtime_of", "set_activation"):
+    if name in ("stats", "memory_report", "reset", "runtime_of", "set_activation", "set_skip_schedule", "evenly_spaced_skips"):
         from . import runtime
 
         return getattr(runtime, name)
@@ -31,6 +31,8 @@ __all__ = [
     "reset",
     "runtime_of",
     "set_activation",
+    "set_skip_schedule",
+    "evenly_spaced_skips",
     "sixbit_backend",
     "stats",
 ]

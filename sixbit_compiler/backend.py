@@ -24,6 +24,7 @@ import time
 import torch
 import torch.fx as fx
 
+from .blocks import SharedBody, structure_key
 from .context import CompileContext
 from .dump import DumpWriter
 from .options import SixbitOptions
@@ -102,6 +103,12 @@ def sixbit_backend(gm: fx.GraphModule, example_inputs, options=None, **kwargs):
     released = STORE.release(ctx.weights_to_release) if opts.free_weights else 0
     specs = ctx.ordered_specs(gm)
     lowering = resolve_lowering(opts, example_inputs)
+    if ctx.block_regions:
+        # The graph around the blocks holds the run-or-skip calls: it runs as Python, and the
+        # block bodies are lowered instead, once per distinct block structure.
+        shared = _share_block_bodies(gm, ctx, lowering, dump)
+        ctx.notes.append(f"block_regions: {len(ctx.block_regions)} block regions, {shared} distinct bodies lowered with {lowering}; outer graph eager")
+        lowering = "eager"
     compiled = _lower(gm, ctx, specs, lowering)
     seconds = time.perf_counter() - t0
 
@@ -125,6 +132,20 @@ def sixbit_backend(gm: fx.GraphModule, example_inputs, options=None, **kwargs):
             },
         )
     return runtime.wrap(compiled, specs, placeholders)
+
+
+def _share_block_bodies(gm: fx.GraphModule, ctx: CompileContext, lowering: str, dump) -> int:
+    """Give every BlockRunner a lowered body shared with the blocks of the same structure."""
+    bodies: dict[tuple, SharedBody] = {}
+    for name in ctx.block_regions:
+        runner = gm.get_submodule(name)
+        key = structure_key(runner.body)
+        if key not in bodies:
+            bodies[key] = SharedBody(runner.body, lowering)
+            if dump:
+                dump.write_graph(f"block_body_{runner.index}", runner.body, ctx)
+        runner.shared = bodies[key]
+    return len(bodies)
 
 
 def resolve_lowering(opts: SixbitOptions, example_inputs) -> str:

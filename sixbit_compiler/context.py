@@ -62,6 +62,7 @@ class CompileContext:
     linears: list[LinearInfo] = dataclasses.field(default_factory=list)
     input_specs: dict[str, InputSpec] = dataclasses.field(default_factory=dict)
     weights_to_release: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    block_regions: list[str] = dataclasses.field(default_factory=list)  # submodule names, by block_regions
     notes: list[str] = dataclasses.field(default_factory=list)
 
     @classmethod

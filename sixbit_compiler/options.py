@@ -46,6 +46,10 @@ class SixbitOptions:
     #: "eager" (the graph's Python code, op by op: quick to compile, easy to debug),
     #: or "auto": Inductor when the graph runs on a GPU, eager on CPU.
     lowering: str = "auto"
+    #: Run each transformer block as a region the runtime can skip by reusing its cached
+    #: residual (the temporal delta cache's mechanism). Experimental: the graph outside
+    #: the blocks then runs eagerly and each block body is lowered on its own.
+    block_cache: bool = False
     #: Name of the graph input holding the diffusion timestep (used to track the
     #: denoising step and new generations). None: found by name ("timestep", "t").
     timestep_input: str | None = None
@@ -82,7 +86,7 @@ class SixbitOptions:
             Precision.parse(self.activation)
         except ValueError:
             raise bad("activation", "must be one of 'nvfp4', 'int8', 'bf16'") from None
-        for key in ("hadamard", "free_weights"):
+        for key in ("hadamard", "free_weights", "block_cache"):
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "must be a bool")
         if not isinstance(self.passes, Mapping) or not all(

@@ -1,7 +1,9 @@
 """Runs the passes in order, lints after each, records op counts, and dumps.
 
 A pass is a function ``pass_fn(gm, ctx) -> None`` that rewrites ``gm.graph`` in
-place. Each lives in its own file under ``passes/`` with a docstring contract.
+place. Each lives in its own file under ``passes/`` with a docstring contract. A pass
+that implements an opt-in feature names its option in ``pass_fn.enabled_by``; it is
+reported "off" (and not dumped) while that option is False.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ PassFn = Callable[[fx.GraphModule, CompileContext], None]
 @dataclasses.dataclass
 class PassRecord:
     name: str
-    status: str  # "ran" | "disabled"
+    status: str  # "ran" | "disabled" (options["passes"]) | "off (needs <option>)"
     seconds: float
     counts_before: dict[str, int]
     counts_after: dict[str, int]
@@ -50,6 +52,10 @@ class PassManager:
             if not ctx.options.pass_enabled(name):
                 records.append(PassRecord(name, "disabled", 0.0, before, before))
                 log.debug("sixbit: pass %s disabled by options", name)
+                continue
+            gate = getattr(fn, "enabled_by", None)
+            if gate is not None and not getattr(ctx.options, gate):
+                records.append(PassRecord(name, f"off (needs {gate})", 0.0, before, before))
                 continue
             t0 = time.perf_counter()
             fn(gm, ctx)

@@ -44,6 +44,7 @@ class CallRecord:
     batch: int | None
     precisions: bytes  # one Precision code per slot, as used by this call
     syncs: int  # device-to-host transfers this call made (at most one)
+    skipped: list[int] = dataclasses.field(default_factory=list)  # block indices reused from the cache
 
 
 class StepTracker:
@@ -125,6 +126,11 @@ class SixbitRuntime:
         self.compiles = 0
         self.block_names: list[str] = []
         self.forced: Precision | None = None
+        # Block cache state (block_regions): residuals per (CFG branch, block), this call's plan.
+        self.keeps_residuals = options.block_cache
+        self.skip_schedule: Callable[[int, int], Any] | None = None
+        self._deltas: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self._skip_plan: frozenset[int] = frozenset()
         self._lock = threading.Lock()
 
     # ---- compile time -------------------------------------------------------------
@@ -169,6 +175,8 @@ class SixbitRuntime:
         cond_key = cond.data_ptr() if isinstance(cond, torch.Tensor) else None
         with self._lock:
             new_gen = self.tracker.advance(t, cond_key)
+            if new_gen:
+                self._deltas.clear()  # cached residuals never cross generations
             if new_gen and self.records:
                 self._log_generation_summary(self.records[-1].generation)
                 oldest_kept = self.tracker.generation - self.HISTORY_GENERATIONS + 1
@@ -184,14 +192,36 @@ class SixbitRuntime:
             )
 
     def decide(self) -> None:
-        """Set every precision slot for this call. Static policy: the ``activation`` option
-        (or the precision forced with :func:`set_activation`)."""
+        """Set every precision slot and the block skip plan for this call.
+
+        Static policy: the ``activation`` option (or :func:`set_activation`), and the skip
+        schedule set with :func:`set_skip_schedule` (none: every block computes).
+        """
         self.precision_slots.fill_(int(self.forced if self.forced is not None else self.options.precision))
+        plan = self.skip_schedule(self.tracker.step, self.tracker.branch) if self.skip_schedule else ()
+        self._skip_plan = frozenset(plan or ())
+
+    # ---- called by BlockRunner during the call (no syncs) ---------------------------
+    def block_should_skip(self, index: int) -> list[torch.Tensor] | None:
+        """The cached residuals to reuse if block ``index`` is skipped in this call, else None."""
+        if index not in self._skip_plan:
+            return None
+        deltas = self._deltas.get((self.tracker.branch, index))
+        if deltas is not None and self.records:
+            self.records[-1].skipped.append(index)
+        return deltas
+
+    def block_computed(self, index: int, deltas: list[torch.Tensor]) -> None:
+        self._deltas[(self.tracker.branch, index)] = deltas
+
+    def cache_bytes(self) -> int:
+        return sum(d.numel() * d.element_size() for ds in self._deltas.values() for d in ds)
 
     def reset(self) -> None:
         """Forget all per-generation state: the next call starts a new generation."""
         with self._lock:
             self.tracker.reset()
+            self._deltas.clear()
 
     def _log_generation_summary(self, generation: int) -> None:
         s = summarize([r for r in self.records if r.generation == generation], self)
@@ -278,7 +308,7 @@ def runtime_for_inputs(example_inputs, options: SixbitOptions) -> SixbitRuntime:
         rt = SixbitRuntime(options)
     for p in params:
         key = id(p)
-        _OWNERS[key] = (weakref.ref(p, lambda _r, key=key: _OWNERS.pop(key, None)), rt)
+        _OWNERS[key] = (weakref.ref(p, lambda _r, key=key, owners=_OWNERS: owners.pop(key, None)), rt)
     return rt
 
 
@@ -295,10 +325,15 @@ def runtime_of(model: torch.nn.Module) -> SixbitRuntime:
 
 
 def summarize(records: list[CallRecord], rt: SixbitRuntime) -> dict:
+    """Counts over computed layers only: a skipped block's layers are not 0-bit work."""
     counts = {p.name.lower(): 0 for p in Precision}
+    skipped_blocks = 0
     for r in records:
-        for code in r.precisions:
-            counts[Precision(code).name.lower()] += 1
+        skipped = {rt.block_names[i] for i in r.skipped if i < len(rt.block_names)}
+        skipped_blocks += len(r.skipped)
+        for code, block in zip(r.precisions, rt.slot_blocks):
+            if block not in skipped:
+                counts[Precision(code).name.lower()] += 1
     total = sum(counts.values())
     bits = sum(Precision[k.upper()].bits * v for k, v in counts.items()) / total if total else 0.0
     steps = {(r.generation, r.step) for r in records}
@@ -307,8 +342,8 @@ def summarize(records: list[CallRecord], rt: SixbitRuntime) -> dict:
         "steps": len(steps),
         "precision_counts": counts,
         "avg_activation_bits": bits,
-        "skip_rate": 0.0,
-        "skipped_blocks": 0,
+        "skip_rate": skipped_blocks / (len(records) * len(rt.block_names)) if records and rt.block_names else 0.0,
+        "skipped_blocks": skipped_blocks,
         "syncs_per_call": sum(r.syncs for r in records) / len(records) if records else 0.0,
     }
 
@@ -331,7 +366,7 @@ def stats(model: torch.nn.Module) -> dict:
         compiles=rt.compiles,
         quantized_layers=len(rt.slot_names),
         blocks=len(rt.block_names),
-        cache_bytes=0,
+        cache_bytes=rt.cache_bytes(),
     )
     calls = [
         {
@@ -340,6 +375,7 @@ def stats(model: torch.nn.Module) -> dict:
             "branch": r.branch,
             "timestep": r.timestep,
             "batch": r.batch,
+            "skipped_blocks": list(r.skipped),
             "layers": {name: Precision(code).name.lower() for name, code in zip(rt.slot_names, r.precisions)},
         }
         for r in rt.records
@@ -360,9 +396,40 @@ def set_activation(model: torch.nn.Module, activation: str | None) -> None:
     runtime_of(model).forced = None if activation is None else Precision.parse(activation)
 
 
+def set_skip_schedule(model: torch.nn.Module, schedule: Callable[[int, int], Any] | None) -> None:
+    """Force which blocks reuse their cached residual: ``schedule(step, branch)`` returns the
+    block indices to skip at that call (None: compute everything). Needs
+    ``options={"block_cache": True}``. A block is only skipped once it has a cached residual
+    from an earlier step of the same generation and CFG branch. For measuring the cache
+    mechanism apart from any policy (see :func:`evenly_spaced_skips`)."""
+    rt = runtime_of(model)
+    if schedule is not None and not rt.keeps_residuals:
+        raise ValueError("sixbit: set_skip_schedule needs the model compiled with options={'block_cache': True}")
+    rt.skip_schedule = schedule
+
+
+def evenly_spaced_skips(num_blocks: int, fraction: float, compute_first_steps: int = 1):
+    """A schedule skipping ``fraction`` of the blocks, evenly spread, at every step after the
+    first ``compute_first_steps`` (which compute everything and fill the cache)."""
+    n_skip = round(num_blocks * fraction)
+    chosen = frozenset(int((i + 0.5) * num_blocks / n_skip) for i in range(n_skip)) if n_skip else frozenset()
+
+    def schedule(step: int, branch: int):
+        return chosen if step >= compute_first_steps else ()
+
+    return schedule
+
+
 def reset(model: torch.nn.Module) -> None:
     """Start a new generation on the next call (e.g. after an interrupted one)."""
     runtime_of(model).reset()
+
+
+def _cache_bytes(model: torch.nn.Module) -> int:
+    try:
+        return runtime_of(model).cache_bytes()
+    except LookupError:
+        return 0
 
 
 def memory_report(model: torch.nn.Module) -> dict:
@@ -396,6 +463,6 @@ def memory_report(model: torch.nn.Module) -> dict:
         "quantized_weight_bytes": quantized,
         "released_bytes": released,
         "quantized_parameters": n_quantized,
-        "cache_bytes": 0,
+        "cache_bytes": _cache_bytes(model),
         "ratio": before / after if after else float("inf"),
     }

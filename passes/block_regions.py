@@ -1,0 +1,158 @@
+"""block_regions: each transformer block becomes one region the runtime can compute or skip.
+
+Contract
+--------
+Expects: ``find_blocks`` has run (``ctx.blocks``); runs after ``quantize_linears``. Runs
+only with ``options["block_cache"]`` (``enabled_by``): the temporal delta cache is being
+built, and stays off by default until it is measured on the GPU.
+
+For each block whose nodes are contiguous in the graph:
+
+* its nodes move into a GraphModule of their own (inputs: every value the block reads
+  from outside, placeholders included; outputs: every value read after it, as a tuple);
+* the main graph calls it as ``self.sixbit_block_<i>(...)`` (one ``call_module``) and
+  reads its outputs with ``getitem``;
+* each output is paired with the block input it updates (its *residual stream*): the
+  input position at which the next block of the same group receives that output. A
+  block whose outputs cannot all be paired (or whose shapes differ) is still a region,
+  but is never skipped.
+
+* the block's quantized linears read its own slice of the precision slots
+  (``sixbit_precision_slots[base:base+n]``, a view) with block-relative slot numbers, so
+  blocks of one class have identical bodies and share one lowered body.
+
+Guarantees: the main graph computes the same function; per block, its nodes move from the
+main graph into ``sixbit_block_<i>`` (the backend dumps each distinct body); a block that
+is not contiguous stays inline, with a note.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch.fx as fx
+
+from sixbit_compiler.blocks import BlockRunner
+from sixbit_compiler.context import CompileContext
+from sixbit_compiler.fx_utils import example_value
+from sixbit_compiler.ops import QUANTIZED_LINEAR
+
+
+def _extract(gm: fx.GraphModule, nodes: list[fx.Node]):
+    """(inputs, outputs, body GraphModule) for a contiguous run of nodes."""
+    inside = set(nodes)
+    inputs: list[fx.Node] = []
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a not in inside and a not in inputs:
+                inputs.append(a)
+    outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+    body = fx.Graph()
+    env = {}
+    for a in inputs:
+        ph = body.placeholder(a.name)
+        ph.meta = dict(a.meta)
+        env[a] = ph
+    for n in nodes:
+        env[n] = body.node_copy(n, lambda x: env[x])
+    body.output(tuple(env[o] for o in outputs))
+    return inputs, outputs, fx.GraphModule(gm, body)
+
+
+def _rebase_slots(body: fx.GraphModule) -> tuple[fx.Node, int, int] | None:
+    """Make the body's precision slots relative to the block: (slots input, base, count).
+
+    Every quantized linear reads ``precision_slots[slot]``; a block's slots are consecutive,
+    so the outer graph can pass the block its own slice and the body can use 0..n-1. Then
+    blocks differ only in their inputs and share one lowered body.
+    """
+    qls = [n for n in body.graph.nodes if n.op == "call_function" and n.target is QUANTIZED_LINEAR]
+    if not qls:
+        return None
+    slots_inputs = {n.args[5] for n in qls}
+    indices = [n.args[6] for n in qls]
+    if len(slots_inputs) != 1 or sorted(indices) != list(range(min(indices), min(indices) + len(indices))):
+        return None
+    base = min(indices)
+    for n in qls:
+        n.update_arg(6, n.args[6] - base)
+    body.recompile()
+    return next(iter(slots_inputs)), base, len(indices)
+
+
+def _contiguous(gm: fx.GraphModule, nodes: list[fx.Node]) -> bool:
+    order = list(gm.graph.nodes)
+    first, last = order.index(nodes[0]), order.index(nodes[-1])
+    return len(order[first : last + 1]) == len(nodes)
+
+
+def block_regions(gm: fx.GraphModule, ctx: CompileContext) -> None:
+    graph = gm.graph
+    # Membership comes from node meta, which earlier passes keep on the nodes they create
+    # (BlockInfo.nodes is the list as find_blocks found it).
+    members: dict[str, list[fx.Node]] = {}
+    for n in graph.nodes:
+        if n.meta.get("sixbit_block") is not None:
+            members.setdefault(n.meta["sixbit_block"], []).append(n)
+    regions = []  # (BlockInfo, nodes, inputs, outputs, body)
+    for b in ctx.blocks:
+        nodes = members.get(b.name, [])
+        if not nodes or not _contiguous(gm, nodes):
+            ctx.notes.append(f"block_regions: {b.name} is not contiguous in the graph; left inline, never skipped")
+            continue
+        inputs, outputs, body = _extract(gm, nodes)
+        regions.append((b, nodes, inputs, outputs, body))
+
+    # Residual pairing: output j of block i feeds block i+1 at some input position k;
+    # block i's own input at k is the stream output j updates. The last block of a group
+    # has no successor (and may drop a stream nothing reads, like CogVideoX's text stream):
+    # each of its outputs takes the one stream position of its predecessor with the same
+    # shape and dtype.
+    def same_kind(a: fx.Node, b: fx.Node) -> bool:
+        av, bv = example_value(a), example_value(b)
+        return av is not None and bv is not None and tuple(av.shape) == tuple(bv.shape) and av.dtype == bv.dtype
+
+    pairing: dict[int, list[int] | None] = {}
+    for r, (b, _, inputs, outputs, _) in enumerate(regions):
+        nxt = regions[r + 1] if r + 1 < len(regions) and regions[r + 1][0].group == b.group else None
+        if nxt is not None:
+            positions = [nxt[2].index(o) if o in nxt[2] else None for o in outputs]
+        else:
+            prev = pairing.get(r - 1) if r > 0 and regions[r - 1][0].group == b.group else None
+            positions = []
+            for o in outputs:
+                fits = [k for k in (prev or []) if k < len(inputs) and same_kind(inputs[k], o)]
+                positions.append(fits[0] if len(fits) == 1 else None)
+        ok = all(p is not None and p < len(inputs) for p in positions)
+        ok = ok and all(same_kind(inputs[p], o) for o, p in zip(outputs, positions))
+        pairing[r] = positions if ok else None
+        if not ok:
+            ctx.notes.append(f"block_regions: {b.name}: outputs not paired with residual inputs; never skipped")
+
+    replaced: dict[fx.Node, fx.Node] = {}  # an earlier block's output -> its getitem
+    for r, (b, nodes, inputs, outputs, body) in enumerate(regions):
+        name = f"sixbit_block_{b.index}"
+        gm.add_submodule(name, BlockRunner(b.index, b.name, body, pairing[r], ctx.runtime))
+        args = [replaced.get(a, a) for a in inputs]
+        with graph.inserting_before(nodes[0]):
+            rebased = _rebase_slots(body)
+            if rebased is not None:  # the block reads its own slice of the precision slots
+                slots_ph, base, count = rebased
+                position = [p.name for p in body.graph.nodes if p.op == "placeholder"].index(slots_ph.name)
+                args[position] = graph.call_function(operator.getitem, (args[position], slice(base, base + count)))
+            call = graph.call_module(name, tuple(args))
+            call.meta["sixbit_block"] = b.name
+            getters = []
+            for j, o in enumerate(outputs):
+                g = graph.call_function(operator.getitem, (call, j))
+                g.meta = dict(o.meta)
+                getters.append(g)
+        for o, g in zip(outputs, getters):
+            o.replace_all_uses_with(g)  # in-block users are erased next, in reverse order
+            replaced[o] = g
+        for n in reversed(nodes):
+            graph.erase_node(n)
+        ctx.block_regions.append(name)
+
+
+block_regions.enabled_by = "block_cache"

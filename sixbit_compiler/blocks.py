@@ -1,0 +1,90 @@
+"""Block regions at run time: each transformer block as a callable the runtime can skip.
+
+``block_regions`` (passes/) moves every cacheable block's nodes into its own GraphModule
+and calls it through a :class:`BlockRunner`. The runner asks the model's runtime, once per
+block per call, whether to compute the block or reuse its cached residual:
+
+* compute: run the block's graph; if the runtime keeps residuals, store Δ = Y − X per
+  residual stream (the block's outputs, each paired with the input it updates);
+* skip: return X + Δ_cached for every stream, without running the block.
+
+The decision itself was taken once per model call in the runtime's decision point, so a
+skip costs no device-to-host sync. Blocks with the same graph structure share one lowered
+body (weights are graph inputs), so Inductor compiles a block once, not once per block.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+
+def structure_key(gm: fx.GraphModule) -> tuple:
+    """A key equal for two block graphs that compute the same function of their inputs."""
+    index = {}
+    key = []
+
+    def ref(a):
+        if isinstance(a, fx.Node):
+            return ("node", index[a])
+        if isinstance(a, (list, tuple)):
+            return (type(a).__name__, tuple(ref(x) for x in a))
+        if isinstance(a, dict):
+            return ("dict", tuple(sorted((k, ref(v)) for k, v in a.items())))
+        if isinstance(a, torch.Tensor):  # a constant tensor makes the block unique
+            return ("tensor", id(a))
+        return ("const", repr(a))
+
+    for i, node in enumerate(gm.graph.nodes):
+        index[node] = i
+        if node.op == "placeholder":
+            target = ""  # inputs are matched by position, not by name
+        elif isinstance(node.target, str):
+            target = node.target
+        else:
+            target = f"{getattr(node.target, '__module__', '')}.{getattr(node.target, '__name__', repr(node.target))}"
+        key.append((node.op, target, ref(node.args), ref(node.kwargs)))
+    return tuple(key)
+
+
+class SharedBody:
+    """One lowered block graph, shared by every block of the same structure."""
+
+    def __init__(self, gm: fx.GraphModule, lowering: str):
+        self.gm = gm
+        self.lowering = lowering
+        self._compiled = None
+
+    def __call__(self, *args):
+        if self._compiled is None:
+            if self.lowering == "inductor":
+                from torch._inductor.compile_fx import compile_fx
+
+                self._compiled = compile_fx(self.gm, list(args))
+            else:
+                self._compiled = self.gm
+        return self._compiled(*args)
+
+
+class BlockRunner(torch.nn.Module):
+    """Runs or skips one block region (see the module docstring)."""
+
+    def __init__(self, index: int, name: str, body: fx.GraphModule, residual_inputs: list[int] | None, runtime):
+        super().__init__()
+        self.index = index
+        self.block_name = name
+        self.body = body  # the block's own graph (kept for dumps and tests)
+        self.shared: SharedBody | None = None  # set by the backend at lowering
+        self.residual_inputs = residual_inputs  # input position updated by each output; None: not cacheable
+        self.runtime = runtime
+
+    def forward(self, *args):
+        rt = self.runtime
+        if self.residual_inputs is not None:
+            deltas = rt.block_should_skip(self.index)
+            if deltas is not None:
+                return tuple(args[k] + d for k, d in zip(self.residual_inputs, deltas))
+        outs = (self.shared or self.body)(*args)
+        if self.residual_inputs is not None and rt.keeps_residuals:
+            rt.block_computed(self.index, [o - args[k] for o, k in zip(outs, self.residual_inputs)])
+        return outs

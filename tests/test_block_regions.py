@@ -1,0 +1,157 @@
+"""block_regions + the runtime's block cache mechanism (forced schedules; the policy is issue 4's)."""
+
+import pytest
+import torch
+
+import sixbit_compiler
+from conftest import capture, context_for
+from models import cogvideox_inputs, scratch_dit, tiny_cogvideox, tiny_wan, wan_inputs
+from sixbit_compiler.blocks import structure_key
+from sixbit_compiler.fx_utils import op_counts
+from sixbit_compiler.passes import block_regions, find_blocks, quantize_linears
+
+QLINEAR = "sixbit.quantized_linear.default"
+
+
+def regions_for(make, inputs, **options):
+    gm, ex = capture(make(), **inputs())
+    gm, ctx = context_for(gm, ex, block_cache=True, **options)
+    find_blocks(gm, ctx)
+    quantize_linears(gm, ctx)
+    before = op_counts(gm.graph)
+    block_regions(gm, ctx)
+    gm.graph.lint()
+    gm.recompile()
+    return gm, ctx, before, op_counts(gm.graph)
+
+
+@pytest.mark.parametrize(
+    "make, inputs, n_blocks, q_per_block, n_outputs",
+    [(lambda: tiny_wan(num_layers=3), wan_inputs, 3, 10, 1), (lambda: tiny_cogvideox(num_layers=3), cogvideox_inputs, 3, 6, 2)],
+    ids=["wan", "cogvideox"],
+)
+def test_each_block_becomes_one_region_with_a_shared_body(make, inputs, n_blocks, q_per_block, n_outputs):
+    gm, ctx, before, after = regions_for(make, inputs)
+    assert len(ctx.block_regions) == n_blocks
+    assert after.get(QLINEAR, 0) == 0 and before[QLINEAR] == n_blocks * q_per_block  # moved into the bodies
+    assert sum(v for k, v in after.items() if k.startswith("module:sixbit_block_")) == n_blocks
+    runners = [gm.get_submodule(n) for n in ctx.block_regions]
+    for r in runners:
+        assert op_counts(r.body.graph)[QLINEAR] == q_per_block
+        assert r.residual_inputs is not None  # every stream paired
+    assert [len(r.residual_inputs) for r in runners[:-1]] == [n_outputs] * (n_blocks - 1)
+    # One body for all blocks; CogVideoX's last block drops the text stream nothing reads after it.
+    assert len({structure_key(r.body) for r in runners}) == (1 if n_outputs == 1 else 2)
+
+
+def test_off_by_default(tmp_path):
+    with torch.no_grad():
+        torch.compile(tiny_wan(), backend="sixbit", options={"dump_dir": str(tmp_path)})(**wan_inputs())
+    (d,) = list(tmp_path.iterdir())
+    assert "| 3 | `block_regions` | off (needs block_cache) |" in (d / "index.md").read_text()
+    assert not (d / "03_block_regions.py").exists()
+
+
+@pytest.mark.parametrize("make, inputs", [(tiny_wan, wan_inputs), (tiny_cogvideox, cogvideox_inputs)], ids=["wan", "cogvideox"])
+def test_without_skips_outputs_equal_the_uncached_compiled_run(make, inputs):
+    outs = []
+    for opts in ({}, {"block_cache": True}):
+        torch._dynamo.reset()
+        with torch.no_grad():
+            outs.append(torch.compile(make(), backend="sixbit", options=opts)(**inputs())[0])
+    assert torch.equal(outs[0], outs[1])
+
+
+def dit_calls(model, calls):
+    """Run (x, t) calls through the model; returns the outputs."""
+    with torch.no_grad():
+        return [model(x, torch.tensor([t, t])) for x, t in calls]
+
+
+def test_skipping_every_block_adds_the_cached_residuals_per_cfg_branch():
+    g = torch.Generator().manual_seed(0)
+    xa, xb = torch.randn(2, 6, 8, generator=g), torch.randn(2, 6, 8, generator=g)
+    model = torch.compile(scratch_dit(depth=3), backend="sixbit", options={"block_cache": True})
+    dit_calls(model, [(xa, 900.0)])  # compile
+    sixbit_compiler.reset(model)
+    sixbit_compiler.set_skip_schedule(model, sixbit_compiler.evenly_spaced_skips(3, 1.0))
+    # step 0: both branches compute (xa, then xb at the same t); step 1: everything skipped.
+    out = dit_calls(model, [(xa, 900.0), (xb, 900.0), (xa, 800.0), (xb, 800.0)])
+    # With every block skipped, h_final = h_0 + sum of the step-0 residuals of *this* branch, and
+    # this DiT's embed and head do not depend on t: the step-1 output equals the branch's step-0 one.
+    torch.testing.assert_close(out[2], out[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[3], out[1], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out[2], out[1], atol=1e-3)  # branches did not share residuals
+    calls = sixbit_compiler.stats(model)["calls"]
+    assert [c["skipped_blocks"] for c in calls[-4:]] == [[], [], [0, 1, 2], [0, 1, 2]]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_without_skipping_the_step1_output_changes():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 8, generator=g)
+    model = torch.compile(scratch_dit(depth=3), backend="sixbit", options={"block_cache": True})
+    out = dit_calls(model, [(x, 900.0), (x, 800.0)])
+    assert not torch.allclose(out[0], out[1], atol=1e-3)  # t modulates every block
+
+
+def compiled_with_cache(model, inputs):
+    """Compile (the runtime exists from the first call on), then start a fresh generation."""
+    compiled = torch.compile(model, backend="sixbit", options={"block_cache": True})
+    with torch.no_grad():
+        compiled(**inputs)
+    sixbit_compiler.reset(compiled)
+    return compiled
+
+
+def test_partial_skip_stats_and_cache_bytes():
+    model = tiny_wan(num_layers=4)
+    inp = wan_inputs()
+    compiled = compiled_with_cache(model, inp)
+    sixbit_compiler.set_skip_schedule(compiled, sixbit_compiler.evenly_spaced_skips(4, 0.5))
+    with torch.no_grad():
+        for t in (900, 800, 700):
+            compiled(**{**inp, "timestep": torch.tensor([t])})
+    s = sixbit_compiler.stats(model)
+    last = s["last_generation"]
+    assert [c["skipped_blocks"] for c in s["calls"][-3:]] == [[], [1, 3], [1, 3]]
+    assert last["skipped_blocks"] == 4 and last["skip_rate"] == pytest.approx(4 / 12)
+    assert last["precision_counts"]["int8"] == 3 * 40 - 4 * 10  # skipped blocks are not 0-bit work
+    hidden = 1 * 3 * 4 * 4 * 32 * 4  # tokens x dim x fp32 bytes, per block
+    assert s["summary"]["cache_bytes"] == 4 * hidden == sixbit_compiler.memory_report(model)["cache_bytes"]
+
+
+def test_new_generation_clears_the_cache():
+    model = tiny_wan()
+    inp = wan_inputs()
+    compiled = compiled_with_cache(model, inp)
+    sixbit_compiler.set_skip_schedule(compiled, sixbit_compiler.evenly_spaced_skips(2, 1.0, compute_first_steps=0))
+    with torch.no_grad():
+        for t in (900, 800, 900, 800):  # two generations
+            compiled(**{**inp, "timestep": torch.tensor([t])})
+    skipped = [c["skipped_blocks"] for c in sixbit_compiler.stats(model)["calls"][-4:]]
+    assert skipped == [[], [0, 1], [], [0, 1]]  # nothing cached at a generation's first call
+
+
+def test_skip_schedule_needs_block_cache():
+    model = tiny_wan()
+    with torch.no_grad():
+        torch.compile(model, backend="sixbit")(**wan_inputs())
+    with pytest.raises(ValueError, match="block_cache"):
+        sixbit_compiler.set_skip_schedule(model, lambda step, branch: {0})
+
+
+def test_dump_shows_the_regions_and_each_distinct_body(tmp_path):
+    with torch.no_grad():
+        torch.compile(tiny_wan(num_layers=3), backend="sixbit", options={"dump_dir": str(tmp_path), "block_cache": True})(
+            **wan_inputs()
+        )
+    (d,) = list(tmp_path.iterdir())
+    files = sorted(p.name for p in d.iterdir())
+    assert files == ["00_captured.py", "01_find_blocks.py", "02_quantize_linears.py", "03_block_regions.py",
+                     "04_block_body_0.py", "index.md"]
+    main = (d / "03_block_regions.py").read_text()
+    assert main.count("self.sixbit_block_") == 3 and "quantized_linear" not in main.split("\n\n", 1)[1]
+    assert (d / "04_block_body_0.py").read_text().count("torch.ops.sixbit.quantized_linear.default(") == 10
+    index = (d / "index.md").read_text()
+    assert "3 block regions, 1 distinct bodies" in index
