@@ -81,9 +81,10 @@ class BlockRunner(torch.nn.Module):
     def forward(self, *args):
         rt = self.runtime
         if self.residual_inputs is not None:
-            deltas = rt.block_should_skip(self.index)
+            xs = [args[k] for k in self.residual_inputs]
+            deltas = rt.block_should_skip(self.index, [x.shape for x in xs])
             if deltas is not None:
-                return tuple(args[k] + d for k, d in zip(self.residual_inputs, deltas))
+                return tuple(x + d for x, d in zip(xs, deltas))
         outs = (self.shared or self.body)(*args)
         if self.residual_inputs is not None and rt.keeps_residuals:
             rt.block_computed(self.index, [o - args[k] for o, k in zip(outs, self.residual_inputs)])

@@ -202,11 +202,17 @@ class SixbitRuntime:
         self._skip_plan = frozenset(plan or ())
 
     # ---- called by BlockRunner during the call (no syncs) ---------------------------
-    def block_should_skip(self, index: int) -> list[torch.Tensor] | None:
-        """The cached residuals to reuse if block ``index`` is skipped in this call, else None."""
+    def block_should_skip(self, index: int, shapes) -> list[torch.Tensor] | None:
+        """The cached residuals to reuse if block ``index`` is skipped in this call, else None.
+
+        A residual cached at another shape (a new resolution within what looked like one
+        generation) is never added: the block computes and refreshes it.
+        """
         if index not in self._skip_plan:
             return None
         deltas = self._deltas.get((self.tracker.branch, index))
+        if deltas is not None and any(d.shape != s for d, s in zip(deltas, shapes)):
+            deltas = None
         if deltas is not None and self.records:
             self.records[-1].skipped.append(index)
         return deltas

@@ -155,3 +155,16 @@ def test_dump_shows_the_regions_and_each_distinct_body(tmp_path):
     assert (d / "04_block_body_0.py").read_text().count("torch.ops.sixbit.quantized_linear.default(") == 10
     index = (d / "index.md").read_text()
     assert "3 block regions, 1 distinct bodies" in index
+
+
+def test_a_cached_residual_of_another_shape_is_never_added():
+    model = tiny_wan()
+    inp = wan_inputs()
+    compiled = compiled_with_cache(model, inp)
+    sixbit_compiler.set_skip_schedule(compiled, sixbit_compiler.evenly_spaced_skips(2, 1.0))
+    small = wan_inputs(height=4, width=8)
+    with torch.no_grad():
+        compiled(**{**inp, "timestep": torch.tensor([900])})
+        out = compiled(**{**small, "timestep": torch.tensor([800])})[0]  # same generation, new resolution
+    assert out.shape[-2:] == (4, 8)
+    assert sixbit_compiler.stats(model)["calls"][-1]["skipped_blocks"] == []  # computed instead
