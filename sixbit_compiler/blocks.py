@@ -87,5 +87,6 @@ class BlockRunner(torch.nn.Module):
                 return tuple(x + d for x, d in zip(xs, deltas))
         outs = (self.shared or self.body)(*args)
         if self.residual_inputs is not None and rt.keeps_residuals:
-            rt.block_computed(self.index, [o - args[k] for o, k in zip(outs, self.residual_inputs)])
+            xs = [args[k] for k in self.residual_inputs]
+            rt.block_computed(self.index, xs, [o - x for o, x in zip(outs, xs)])
         return outs

@@ -45,6 +45,8 @@ class CallRecord:
     precisions: bytes  # one Precision code per slot, as used by this call
     syncs: int  # device-to-host transfers this call made (at most one)
     skipped: list[int] = dataclasses.field(default_factory=list)  # block indices reused from the cache
+    # block index -> (Γ, residual change) measured by this call (read at the next call)
+    block_stats: dict[int, tuple[float, float]] = dataclasses.field(default_factory=dict)
 
 
 class StepTracker:
@@ -130,6 +132,8 @@ class SixbitRuntime:
         self.keeps_residuals = options.block_cache
         self.skip_schedule: Callable[[int, int], Any] | None = None
         self._deltas: dict[tuple[int, int], list[torch.Tensor]] = {}
+        # Block statistics of the last call, still on the device: block -> [Γ, change].
+        self._pending_stats: dict[int, torch.Tensor] = {}
         self._skip_plan: frozenset[int] = frozenset()
         self._lock = threading.Lock()
 
@@ -165,13 +169,32 @@ class SixbitRuntime:
 
     # ---- per call -------------------------------------------------------------------
     def begin_call(self, timestep, cond, hidden) -> None:
-        """The once-per-call decision point (at most one device-to-host sync)."""
+        """The once-per-call decision point (at most one device-to-host sync).
+
+        Everything on the device that the decision needs (the timestep, and the block
+        statistics the previous call left) travels to the host in one transfer.
+        """
         t, syncs = None, 0
+        device_values = []
         if isinstance(timestep, torch.Tensor) and timestep.numel() > 0:
-            syncs = int(timestep.device.type != "cpu")  # the single transfer of this call
-            t = float(timestep.reshape(-1)[0].item())
+            device_values.append(timestep.reshape(-1)[:1].to(torch.float32))
         elif isinstance(timestep, (int, float)):
             t = float(timestep)
+        pending = sorted(self._pending_stats.items())
+        if pending:
+            dev = pending[0][1].device
+            device_values = [v.to(dev) for v in device_values] + [s for _, s in pending]
+        if device_values:
+            values = torch.cat(device_values)
+            syncs = int(values.device.type != "cpu")  # the single transfer of this call
+            values = values.tolist()
+            if isinstance(timestep, torch.Tensor) and timestep.numel() > 0:
+                t, values = values[0], values[1:]
+            if pending and self.records:
+                self.records[-1].block_stats = {
+                    index: (values[2 * i], values[2 * i + 1]) for i, (index, _) in enumerate(pending)
+                }
+            self._pending_stats = {}
         cond_key = cond.data_ptr() if isinstance(cond, torch.Tensor) else None
         with self._lock:
             new_gen = self.tracker.advance(t, cond_key)
@@ -217,8 +240,34 @@ class SixbitRuntime:
             self.records[-1].skipped.append(index)
         return deltas
 
-    def block_computed(self, index: int, deltas: list[torch.Tensor]) -> None:
-        self._deltas[(self.tracker.branch, index)] = deltas
+    def block_computed(self, index: int, inputs: list[torch.Tensor], deltas: list[torch.Tensor]) -> None:
+        """Refresh the cached residual of a computed block and queue its statistics.
+
+        On the first residual stream: Γ = ‖Δ‖₁ / ‖X‖₁ (the block's input-output difference)
+        and the residual change ‖Δ_t − Δ_prev‖₁ / ‖Δ_prev‖₁ against the residual cached
+        for this branch (NaN when there is none). Both stay on the device until the next
+        call's single transfer.
+        """
+        key = (self.tracker.branch, index)
+        x, d = inputs[0].float(), deltas[0].float()
+        gamma = d.abs().sum() / x.abs().sum()
+        prev = self._deltas.get(key)
+        if prev is not None and prev[0].shape == deltas[0].shape:
+            p = prev[0].float()
+            change = (d - p).abs().sum() / p.abs().sum()
+        else:
+            change = torch.full((), float("nan"), device=d.device)
+        self._pending_stats[index] = torch.stack([gamma, change])
+        self._deltas[key] = deltas
+
+    def flush_block_stats(self) -> None:
+        """Read the last call's pending block statistics now (one sync; for stats())."""
+        with self._lock:
+            if self._pending_stats and self.records:
+                pending = sorted(self._pending_stats.items())
+                values = torch.cat([s for _, s in pending]).tolist()
+                self.records[-1].block_stats = {i: (values[2 * k], values[2 * k + 1]) for k, (i, _) in enumerate(pending)}
+            self._pending_stats = {}
 
     def cache_bytes(self) -> int:
         return sum(d.numel() * d.element_size() for ds in self._deltas.values() for d in ds)
@@ -366,6 +415,7 @@ def stats(model: torch.nn.Module) -> dict:
     precision of every quantized layer.
     """
     rt = runtime_of(model)
+    rt.flush_block_stats()
     summary = summarize(rt.records, rt)
     summary.update(
         generations=rt.tracker.generation + 1,
@@ -382,6 +432,7 @@ def stats(model: torch.nn.Module) -> dict:
             "timestep": r.timestep,
             "batch": r.batch,
             "skipped_blocks": list(r.skipped),
+            "block_stats": dict(r.block_stats),
             "layers": {name: Precision(code).name.lower() for name, code in zip(rt.slot_names, r.precisions)},
         }
         for r in rt.records

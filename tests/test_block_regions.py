@@ -168,3 +168,41 @@ def test_a_cached_residual_of_another_shape_is_never_added():
         out = compiled(**{**small, "timestep": torch.tensor([800])})[0]  # same generation, new resolution
     assert out.shape[-2:] == (4, 8)
     assert sixbit_compiler.stats(model)["calls"][-1]["skipped_blocks"] == []  # computed instead
+
+
+def test_block_statistics_gamma_and_residual_change_in_one_transfer():
+    import math
+
+    import torch.fx as fx
+
+    from sixbit_compiler.blocks import BlockRunner
+    from sixbit_compiler.options import SixbitOptions
+    from sixbit_compiler.runtime import SixbitRuntime
+
+    class Double(torch.nn.Module):
+        def forward(self, x):
+            return (2 * x,)
+
+    rt = SixbitRuntime(SixbitOptions(block_cache=True))
+    runner = BlockRunner(0, "b0", fx.symbolic_trace(Double()), [0], rt)
+    for t, x in ((900.0, torch.ones(4)), (800.0, 3 * torch.ones(4))):
+        rt.begin_call(torch.tensor([t]), None, None)
+        runner(x)
+    rt.flush_block_stats()
+    (g0, c0), (g1, c1) = rt.records[0].block_stats[0], rt.records[1].block_stats[0]
+    assert g0 == 1.0 and math.isnan(c0)  # Γ = |Δ|/|X| = 1; no earlier residual
+    assert g1 == 1.0 and c1 == 2.0  # Δ went from 1 to 3: |3 - 1| / |1|
+    assert [r.syncs for r in rt.records] == [0, 0]  # CPU: nothing to transfer
+
+
+def test_stats_report_block_statistics_per_call():
+    model = tiny_wan(num_layers=2)
+    inp = wan_inputs()
+    compiled = compiled_with_cache(model, inp)
+    with torch.no_grad():
+        for t in (900, 800):
+            compiled(**{**inp, "timestep": torch.tensor([t])})
+    calls = sixbit_compiler.stats(model)["calls"]
+    assert set(calls[-1]["block_stats"]) == {0, 1} and set(calls[-2]["block_stats"]) == {0, 1}
+    assert all(g > 0 for g, _ in calls[-1]["block_stats"].values())
+    assert all(c == c and c > 0 for _, c in calls[-1]["block_stats"].values())  # step 1 has a previous residual
