@@ -15,6 +15,7 @@ from .formats import Precision
 
 DUMP_DIR_ENV = "SIXBIT_DUMP_DIR"
 LOWERINGS = ("auto", "eager", "inductor")
+CACHE_DTYPES = ("activation", "int8", "fp8")
 
 
 class SixbitOptionError(ValueError):
@@ -50,6 +51,10 @@ class SixbitOptions:
     #: residual (the temporal delta cache's mechanism). Experimental: the graph outside
     #: the blocks then runs eagerly and each block body is lowered on its own.
     block_cache: bool = False
+    #: How cached residuals are stored: "int8" or "fp8" (e4m3), both with one fp32 scale
+    #: per token, or "activation" (the activation dtype, no rounding). INT8 is the default:
+    #: at the same bytes it was 4-5x more accurate than FP8 (docs/benchmarks.md).
+    cache_dtype: str = "int8"
     #: Name of the graph input holding the diffusion timestep (used to track the
     #: denoising step and new generations). None: found by name ("timestep", "t").
     timestep_input: str | None = None
@@ -98,6 +103,8 @@ class SixbitOptions:
         unknown = sorted(set(self.passes) - set(PASS_REGISTRY))
         if unknown:
             raise bad("passes", f"unknown pass name(s) {unknown}; passes are {list(PASS_REGISTRY)}")
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise bad("cache_dtype", f"must be one of {CACHE_DTYPES}")
         if self.lowering not in LOWERINGS:
             raise bad("lowering", f"must be one of {LOWERINGS}")
         if self.timestep_input is not None and not isinstance(self.timestep_input, str):

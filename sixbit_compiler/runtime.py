@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .context import InputSpec
-from .formats import Precision
+from .formats import Precision, dequantize_fp8_rows, dequantize_int8, quantize_fp8_rows, quantize_int8
 from .options import SixbitOptions
 from .weight_store import STORE
 
@@ -111,6 +111,40 @@ class StepTracker:
         self._step_conds = set()
 
 
+@dataclasses.dataclass
+class StoredDelta:
+    """A cached block residual, kept in the activation dtype or per-token INT8 / FP8."""
+
+    data: torch.Tensor
+    scale: torch.Tensor | None
+    dtype: torch.dtype
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scale) if t is not None)
+
+    @classmethod
+    def store(cls, delta: torch.Tensor, how: str) -> "StoredDelta":
+        if how == "int8":
+            codes, scale = quantize_int8(delta)
+            return cls(codes, scale, delta.dtype)
+        if how == "fp8":
+            codes, scale = quantize_fp8_rows(delta)
+            return cls(codes, scale, delta.dtype)
+        return cls(delta, None, delta.dtype)
+
+    def load(self) -> torch.Tensor:
+        if self.scale is None:
+            return self.data
+        if self.data.dtype == torch.int8:
+            return dequantize_int8(self.data, self.scale, self.dtype)
+        return dequantize_fp8_rows(self.data, self.scale, self.dtype)
+
+
 class SixbitRuntime:
     #: Call records are kept for this many recent generations, so a long-running server's
     #: runtime stays small; stats() reports over them.
@@ -131,7 +165,7 @@ class SixbitRuntime:
         # Block cache state (block_regions): residuals per (CFG branch, block), this call's plan.
         self.keeps_residuals = options.block_cache
         self.skip_schedule: Callable[[int, int], Any] | None = None
-        self._deltas: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self._deltas: dict[tuple[int, int], list[StoredDelta]] = {}
         # Block statistics of the last call, still on the device: block -> [Γ, change].
         self._pending_stats: dict[int, torch.Tensor] = {}
         self._skip_plan: frozenset[int] = frozenset()
@@ -233,12 +267,12 @@ class SixbitRuntime:
         """
         if index not in self._skip_plan:
             return None
-        deltas = self._deltas.get((self.tracker.branch, index))
-        if deltas is not None and any(d.shape != s for d, s in zip(deltas, shapes)):
-            deltas = None
-        if deltas is not None and self.records:
+        stored = self._deltas.get((self.tracker.branch, index))
+        if stored is None or any(d.shape != s for d, s in zip(stored, shapes)):
+            return None
+        if self.records:
             self.records[-1].skipped.append(index)
-        return deltas
+        return [d.load() for d in stored]
 
     def block_computed(self, index: int, inputs: list[torch.Tensor], deltas: list[torch.Tensor]) -> None:
         """Refresh the cached residual of a computed block and queue its statistics.
@@ -253,12 +287,12 @@ class SixbitRuntime:
         gamma = d.abs().sum() / x.abs().sum()
         prev = self._deltas.get(key)
         if prev is not None and prev[0].shape == deltas[0].shape:
-            p = prev[0].float()
+            p = prev[0].load().float()
             change = (d - p).abs().sum() / p.abs().sum()
         else:
             change = torch.full((), float("nan"), device=d.device)
         self._pending_stats[index] = torch.stack([gamma, change])
-        self._deltas[key] = deltas
+        self._deltas[key] = [StoredDelta.store(x, self.options.cache_dtype) for x in deltas]
 
     def flush_block_stats(self) -> None:
         """Read the last call's pending block statistics now (one sync; for stats())."""
@@ -270,7 +304,7 @@ class SixbitRuntime:
             self._pending_stats = {}
 
     def cache_bytes(self) -> int:
-        return sum(d.numel() * d.element_size() for ds in self._deltas.values() for d in ds)
+        return sum(d.nbytes for ds in self._deltas.values() for d in ds)
 
     def reset(self) -> None:
         """Forget all per-generation state: the next call starts a new generation."""

@@ -54,6 +54,7 @@ def test_off_by_default(tmp_path):
 
 @pytest.mark.parametrize("make, inputs", [(tiny_wan, wan_inputs), (tiny_cogvideox, cogvideox_inputs)], ids=["wan", "cogvideox"])
 def test_without_skips_outputs_equal_the_uncached_compiled_run(make, inputs):
+    # Storage only matters when a residual is reused: nothing is skipped here.
     outs = []
     for opts in ({}, {"block_cache": True}):
         torch._dynamo.reset()
@@ -71,7 +72,7 @@ def dit_calls(model, calls):
 def test_skipping_every_block_adds_the_cached_residuals_per_cfg_branch():
     g = torch.Generator().manual_seed(0)
     xa, xb = torch.randn(2, 6, 8, generator=g), torch.randn(2, 6, 8, generator=g)
-    model = torch.compile(scratch_dit(depth=3), backend="sixbit", options={"block_cache": True})
+    model = torch.compile(scratch_dit(depth=3), backend="sixbit", options={"block_cache": True, "cache_dtype": "activation"})
     dit_calls(model, [(xa, 900.0)])  # compile
     sixbit_compiler.reset(model)
     sixbit_compiler.set_skip_schedule(model, sixbit_compiler.evenly_spaced_skips(3, 1.0))
@@ -105,7 +106,7 @@ def compiled_with_cache(model, inputs):
 
 
 def test_partial_skip_stats_and_cache_bytes():
-    model = tiny_wan(num_layers=4)
+    model = tiny_wan(num_layers=4)  # default cache_dtype: int8, one fp32 scale per token
     inp = wan_inputs()
     compiled = compiled_with_cache(model, inp)
     sixbit_compiler.set_skip_schedule(compiled, sixbit_compiler.evenly_spaced_skips(4, 0.5))
@@ -117,8 +118,9 @@ def test_partial_skip_stats_and_cache_bytes():
     assert [c["skipped_blocks"] for c in s["calls"][-3:]] == [[], [1, 3], [1, 3]]
     assert last["skipped_blocks"] == 4 and last["skip_rate"] == pytest.approx(4 / 12)
     assert last["precision_counts"]["int8"] == 3 * 40 - 4 * 10  # skipped blocks are not 0-bit work
-    hidden = 1 * 3 * 4 * 4 * 32 * 4  # tokens x dim x fp32 bytes, per block
-    assert s["summary"]["cache_bytes"] == 4 * hidden == sixbit_compiler.memory_report(model)["cache_bytes"]
+    tokens = 1 * 3 * 4 * 4
+    per_block = tokens * 32 * 1 + tokens * 4  # int8 values + fp32 per-token scales
+    assert s["summary"]["cache_bytes"] == 4 * per_block == sixbit_compiler.memory_report(model)["cache_bytes"]
 
 
 def test_new_generation_clears_the_cache():
@@ -206,3 +208,19 @@ def test_stats_report_block_statistics_per_call():
     assert set(calls[-1]["block_stats"]) == {0, 1} and set(calls[-2]["block_stats"]) == {0, 1}
     assert all(g > 0 for g, _ in calls[-1]["block_stats"].values())
     assert all(c == c and c > 0 for _, c in calls[-1]["block_stats"].values())  # step 1 has a previous residual
+
+
+@pytest.mark.parametrize("cache_dtype, bytes_per_value, bound", [("activation", 4, 1e-6), ("int8", 1, 0.02), ("fp8", 1, 0.05)])
+def test_compact_cache_storage(cache_dtype, bytes_per_value, bound):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 8, generator=g)
+    model = torch.compile(scratch_dit(depth=3), backend="sixbit", options={"block_cache": True, "cache_dtype": cache_dtype})
+    dit_calls(model, [(x, 900.0)])
+    sixbit_compiler.reset(model)
+    sixbit_compiler.set_skip_schedule(model, sixbit_compiler.evenly_spaced_skips(3, 1.0))
+    out = dit_calls(model, [(x, 900.0), (x, 800.0)])
+    # Skipping everything reproduces step 0 up to the residuals' storage error.
+    assert float((out[1] - out[0]).norm() / out[0].norm()) < bound
+    tokens, dim = 2 * 6, 48
+    scales = 0 if cache_dtype == "activation" else tokens * 4
+    assert sixbit_compiler.stats(model)["summary"]["cache_bytes"] == 3 * (tokens * dim * bytes_per_value + scales)

@@ -259,3 +259,25 @@ def test_hadamard_spreads_outliers():
 def test_formats_reject_unsupported_dtypes(bad):
     with pytest.raises(TypeError, match="float32/float16/bfloat16"):
         quantize_nvfp4(torch.zeros(2, 16, dtype=bad))
+
+
+# ---- FP8 rows -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fp8_rows_roundtrip_and_edge_cases(dtype):
+    from sixbit_compiler.formats import dequantize_fp8_rows, quantize_fp8_rows
+
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(6, 40, generator=g) * 3).to(dtype)
+    x[1] = 0
+    x[2, 4] = float("nan")
+    x[3, 1] = float("inf")
+    codes, scale = quantize_fp8_rows(x)
+    assert codes.dtype == torch.float8_e4m3fn and scale.shape == (6, 1)
+    out = dequantize_fp8_rows(codes, scale)
+    assert (out[1] == 0).all() and out[2].isnan().all() and out[3].isfinite().all()
+    good = torch.tensor([0, 4, 5])
+    err = (out[good] - x[good].float()).norm() / x[good].float().norm()
+    assert 0 < float(err) < 0.04  # 3 mantissa bits
+    # each row's largest magnitude maps to exactly +-448
+    assert float(codes[0].float().abs().max()) == 448.0

@@ -23,6 +23,7 @@ Edge-case contract (shared by all formats; tested in ``tests/test_formats.py``):
   rotation) is zero-padded; dequantization takes ``k=`` to trim the padding.
 """
 
+from .fp8 import FP8_E4M3_MAX, dequantize_fp8_rows, quantize_fp8_rows
 from .hadamard import HADAMARD_BLOCK, hadamard_matrix, hadamard_rotate
 from .int8 import dequantize_int8, quantize_int8
 from .nvfp4 import (
@@ -39,17 +40,20 @@ from .precision import Precision
 
 __all__ = [
     "E2M1_VALUES",
+    "FP8_E4M3_MAX",
     "F4_E2M1_MAX",
     "F8_E4M3_MAX",
     "HADAMARD_BLOCK",
     "NVFP4_BLOCK",
     "Precision",
+    "dequantize_fp8_rows",
     "dequantize_int8",
     "dequantize_nvfp4",
     "hadamard_matrix",
     "hadamard_rotate",
     "nvfp4_block_values",
     "nvfp4_to_int8",
+    "quantize_fp8_rows",
     "quantize_int8",
     "quantize_nvfp4",
 ]
