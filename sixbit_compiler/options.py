@@ -55,6 +55,14 @@ class SixbitOptions:
     #: per token, or "activation" (the activation dtype, no rounding). INT8 is the default:
     #: at the same bytes it was 4-5x more accurate than FP8 (docs/benchmarks.md).
     cache_dtype: str = "int8"
+    #: Who decides the skips with block_cache: "tdc" (sixbit_compiler/policy.py) or "none"
+    #: (only forced schedules from set_skip_schedule). The cache_* numbers are TDC's.
+    cache_policy: str = "tdc"
+    cache_threshold: float = 0.1  # skip only if the residual change is under this
+    cache_tau: float = 0.2  # bound on the accumulated error estimate of consecutive skips
+    cache_max_skips: int = 2  # N_max: consecutive skips of one block
+    cache_first_steps: int = 1  # always computed at the start of a generation
+    cache_last_steps: int = 1  # always computed at the end (once the step count is known)
     #: Name of the graph input holding the diffusion timestep (used to track the
     #: denoising step and new generations). None: found by name ("timestep", "t").
     timestep_input: str | None = None
@@ -103,6 +111,16 @@ class SixbitOptions:
         unknown = sorted(set(self.passes) - set(PASS_REGISTRY))
         if unknown:
             raise bad("passes", f"unknown pass name(s) {unknown}; passes are {list(PASS_REGISTRY)}")
+        if self.cache_policy not in ("tdc", "none"):
+            raise bad("cache_policy", "must be 'tdc' or 'none'")
+        for key in ("cache_threshold", "cache_tau"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise bad(key, "must be a number >= 0")
+        for key in ("cache_max_skips", "cache_first_steps", "cache_last_steps"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise bad(key, "must be an integer >= 0")
         if self.cache_dtype not in CACHE_DTYPES:
             raise bad("cache_dtype", f"must be one of {CACHE_DTYPES}")
         if self.lowering not in LOWERINGS:

@@ -30,6 +30,7 @@ import torch
 from .context import InputSpec
 from .formats import Precision, dequantize_fp8_rows, dequantize_int8, quantize_fp8_rows, quantize_int8
 from .options import SixbitOptions
+from .policy import TDCParams, TDCPolicy
 from .weight_store import STORE
 
 log = logging.getLogger("sixbit")
@@ -168,6 +169,14 @@ class SixbitRuntime:
         self._deltas: dict[tuple[int, int], list[StoredDelta]] = {}
         # Block statistics of the last call, still on the device: block -> [Γ, change].
         self._pending_stats: dict[int, torch.Tensor] = {}
+        self.policy = None
+        if options.block_cache and options.cache_policy == "tdc":
+            self.policy = TDCPolicy(
+                TDCParams(options.cache_threshold, options.cache_tau, options.cache_max_skips,
+                          options.cache_first_steps, options.cache_last_steps)
+            )
+        self._generation_start: float | None = None  # first timestep of this generation
+        self._previous_generation: tuple[float | None, int] | None = None  # (first timestep, steps)
         self._skip_plan: frozenset[int] = frozenset()
         self._lock = threading.Lock()
 
@@ -225,15 +234,19 @@ class SixbitRuntime:
             if isinstance(timestep, torch.Tensor) and timestep.numel() > 0:
                 t, values = values[0], values[1:]
             if pending and self.records:
-                self.records[-1].block_stats = {
-                    index: (values[2 * i], values[2 * i + 1]) for i, (index, _) in enumerate(pending)
-                }
+                self._take_block_stats(self.records[-1], [(index, (values[2 * i], values[2 * i + 1])) for i, (index, _) in enumerate(pending)])
             self._pending_stats = {}
         cond_key = cond.data_ptr() if isinstance(cond, torch.Tensor) else None
         with self._lock:
+            last_step = self.tracker.step
             new_gen = self.tracker.advance(t, cond_key)
             if new_gen:
                 self._deltas.clear()  # cached residuals never cross generations
+                if self.policy:
+                    self.policy.reset()
+                if self.records:
+                    self._previous_generation = (self._generation_start, last_step + 1)
+                self._generation_start = t
             if new_gen and self.records:
                 self._log_generation_summary(self.records[-1].generation)
                 oldest_kept = self.tracker.generation - self.HISTORY_GENERATIONS + 1
@@ -255,8 +268,27 @@ class SixbitRuntime:
         schedule set with :func:`set_skip_schedule` (none: every block computes).
         """
         self.precision_slots.fill_(int(self.forced if self.forced is not None else self.options.precision))
-        plan = self.skip_schedule(self.tracker.step, self.tracker.branch) if self.skip_schedule else ()
+        step, branch = self.tracker.step, self.tracker.branch
+        if self.skip_schedule is not None:
+            plan = self.skip_schedule(step, branch)
+        elif self.policy is not None:
+            plan = self.policy.plan(step, branch, len(self.block_names), self.expected_steps())
+        else:
+            plan = ()
         self._skip_plan = frozenset(plan or ())
+
+    def expected_steps(self) -> int | None:
+        """Steps in this generation, if the previous one started at the same timestep."""
+        prev = self._previous_generation
+        if prev is not None and prev[0] is not None and prev[0] == self._generation_start:
+            return prev[1]
+        return None
+
+    def _take_block_stats(self, record: CallRecord, stats: list[tuple[int, tuple[float, float]]]) -> None:
+        record.block_stats = dict(stats)
+        if self.policy is not None:
+            for index, (_, change) in stats:
+                self.policy.observe(record.branch, index, change)
 
     # ---- called by BlockRunner during the call (no syncs) ---------------------------
     def block_should_skip(self, index: int, shapes) -> list[torch.Tensor] | None:
@@ -272,6 +304,8 @@ class SixbitRuntime:
             return None
         if self.records:
             self.records[-1].skipped.append(index)
+        if self.policy is not None and self.skip_schedule is None:
+            self.policy.skipped(self.tracker.branch, index)
         return [d.load() for d in stored]
 
     def block_computed(self, index: int, inputs: list[torch.Tensor], deltas: list[torch.Tensor]) -> None:
@@ -300,7 +334,7 @@ class SixbitRuntime:
             if self._pending_stats and self.records:
                 pending = sorted(self._pending_stats.items())
                 values = torch.cat([s for _, s in pending]).tolist()
-                self.records[-1].block_stats = {i: (values[2 * k], values[2 * k + 1]) for k, (i, _) in enumerate(pending)}
+                self._take_block_stats(self.records[-1], [(i, (values[2 * k], values[2 * k + 1])) for k, (i, _) in enumerate(pending)])
             self._pending_stats = {}
 
     def cache_bytes(self) -> int:
@@ -311,6 +345,9 @@ class SixbitRuntime:
         with self._lock:
             self.tracker.reset()
             self._deltas.clear()
+            self._pending_stats = {}
+            if self.policy:
+                self.policy.reset()
 
     def _log_generation_summary(self, generation: int) -> None:
         s = summarize([r for r in self.records if r.generation == generation], self)

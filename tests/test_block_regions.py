@@ -224,3 +224,35 @@ def test_compact_cache_storage(cache_dtype, bytes_per_value, bound):
     tokens, dim = 2 * 6, 48
     scales = 0 if cache_dtype == "activation" else tokens * 4
     assert sixbit_compiler.stats(model)["summary"]["cache_bytes"] == 3 * (tokens * dim * bytes_per_value + scales)
+
+
+def test_tdc_policy_in_the_loop_respects_max_skips_and_last_steps():
+    model = tiny_wan(num_layers=2)
+    inp = wan_inputs()
+    compiled = torch.compile(
+        model, backend="sixbit",
+        options={"block_cache": True, "cache_threshold": float("inf"), "cache_tau": float("inf")},
+    )
+    steps = (900, 800, 700, 600, 500, 400, 300)
+    with torch.no_grad():
+        for generation in range(2):
+            for t in steps:
+                compiled(**{**inp, "timestep": torch.tensor([t])})
+    calls = sixbit_compiler.stats(model)["calls"]
+    skipped = [c["skipped_blocks"] for c in calls]
+    both = [0, 1]
+    # Step 0 computes; step 1 computes too (no residual change measured yet); then at most
+    # 2 skips in a row. The second generation knows it has 7 steps: its last step computes.
+    assert skipped[:7] == [[], [], both, both, [], both, both]
+    assert skipped[7:] == [[], [], both, both, [], both, []]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_cache_policy_none_skips_nothing_by_itself():
+    model = tiny_wan(num_layers=2)
+    compiled = torch.compile(model, backend="sixbit", options={
+        "block_cache": True, "cache_policy": "none", "cache_threshold": float("inf"), "cache_tau": float("inf")})
+    with torch.no_grad():
+        for t in (900, 800, 700, 600):
+            compiled(**{**wan_inputs(), "timestep": torch.tensor([t])})
+    assert all(c["skipped_blocks"] == [] for c in sixbit_compiler.stats(model)["calls"])

@@ -39,6 +39,11 @@ def test_values_are_parsed():
         ({"lowering": "tvm"}, "lowering"),
         ({"free_weights": 1}, "free_weights"),
         ({"dump_dir": 5}, "dump_dir"),
+        ({"block_cache": "on"}, "block_cache"),
+        ({"cache_dtype": "fp4"}, "cache_dtype"),
+        ({"cache_policy": "teacache"}, "cache_policy"),
+        ({"cache_threshold": -1}, "cache_threshold"),
+        ({"cache_max_skips": 1.5}, "cache_max_skips"),
     ],
 )
 def test_bad_options_name_the_key(options, key):
