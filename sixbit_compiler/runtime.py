@@ -175,6 +175,7 @@ class SixbitRuntime:
                 TDCParams(options.cache_threshold, options.cache_tau, options.cache_max_skips,
                           options.cache_first_steps, options.cache_last_steps)
             )
+        self._skipped_at_last_call: set[tuple[int, int]] = set()  # (branch, block), for PDR
         self._generation_start: float | None = None  # first timestep of this generation
         self._previous_generation: tuple[float | None, int] | None = None  # (first timestep, steps)
         self._skip_plan: frozenset[int] = frozenset()
@@ -242,6 +243,7 @@ class SixbitRuntime:
             new_gen = self.tracker.advance(t, cond_key)
             if new_gen:
                 self._deltas.clear()  # cached residuals never cross generations
+                self._skipped_at_last_call.clear()
                 if self.policy:
                     self.policy.reset()
                 if self.records:
@@ -276,6 +278,20 @@ class SixbitRuntime:
         else:
             plan = ()
         self._skip_plan = frozenset(plan or ())
+        self._purified_refresh(branch)
+
+    def _purified_refresh(self, branch: int) -> None:
+        """PDR, second rule: the first compute of a block after a skip refreshes its cached
+        residual, so its linears run INT8 rather than NVFP4 (keeps NVFP4 noise out of the
+        cache). (The first rule, bf16 for layers with max|x|/mean|x| > 25 on a refresh,
+        needs the per-layer outlier ratios: issue 4.)"""
+        if not self._skipped_at_last_call:
+            return
+        refreshing = {self.block_names[i] for (b, i) in self._skipped_at_last_call
+                      if b == branch and i not in self._skip_plan and i < len(self.block_names)}
+        for slot, block in enumerate(self.slot_blocks):
+            if block in refreshing and self.precision_slots[slot] == int(Precision.NVFP4):
+                self.precision_slots[slot] = int(Precision.INT8)
 
     def expected_steps(self) -> int | None:
         """Steps in this generation, if the previous one started at the same timestep."""
@@ -306,6 +322,7 @@ class SixbitRuntime:
             self.records[-1].skipped.append(index)
         if self.policy is not None and self.skip_schedule is None:
             self.policy.skipped(self.tracker.branch, index)
+        self._skipped_at_last_call.add((self.tracker.branch, index))
         return [d.load() for d in stored]
 
     def block_computed(self, index: int, inputs: list[torch.Tensor], deltas: list[torch.Tensor]) -> None:
@@ -326,6 +343,7 @@ class SixbitRuntime:
         else:
             change = torch.full((), float("nan"), device=d.device)
         self._pending_stats[index] = torch.stack([gamma, change])
+        self._skipped_at_last_call.discard(key)
         self._deltas[key] = [StoredDelta.store(x, self.options.cache_dtype) for x in deltas]
 
     def flush_block_stats(self) -> None:
@@ -346,6 +364,7 @@ class SixbitRuntime:
             self.tracker.reset()
             self._deltas.clear()
             self._pending_stats = {}
+            self._skipped_at_last_call.clear()
             if self.policy:
                 self.policy.reset()
 

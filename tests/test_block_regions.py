@@ -252,7 +252,26 @@ def test_cache_policy_none_skips_nothing_by_itself():
     model = tiny_wan(num_layers=2)
     compiled = torch.compile(model, backend="sixbit", options={
         "block_cache": True, "cache_policy": "none", "cache_threshold": float("inf"), "cache_tau": float("inf")})
+    inp = wan_inputs()
     with torch.no_grad():
         for t in (900, 800, 700, 600):
-            compiled(**{**wan_inputs(), "timestep": torch.tensor([t])})
-    assert all(c["skipped_blocks"] == [] for c in sixbit_compiler.stats(model)["calls"])
+            compiled(**{**inp, "timestep": torch.tensor([t])})
+    calls = sixbit_compiler.stats(model)["calls"]
+    assert [c["step"] for c in calls] == [0, 1, 2, 3]
+    assert all(c["skipped_blocks"] == [] for c in calls)
+
+
+def test_first_compute_after_a_skip_runs_int8_when_activations_are_nvfp4():
+    model = tiny_wan(num_layers=2)
+    compiled = torch.compile(model, backend="sixbit", options={
+        "block_cache": True, "activation": "nvfp4", "cache_threshold": float("inf"), "cache_tau": float("inf")})
+    inp = wan_inputs()  # one conditioning tensor for the generation, as pipelines do
+    with torch.no_grad():
+        for t in (900, 800, 700, 600, 500):
+            compiled(**{**inp, "timestep": torch.tensor([t])})
+    calls = sixbit_compiler.stats(model)["calls"]
+    assert [c["skipped_blocks"] for c in calls] == [[], [], [0, 1], [0, 1], []]
+    precisions = [set(c["layers"].values()) for c in calls]
+    assert precisions[1] == {"nvfp4"} and precisions[4] == {"int8"}  # step 4 refreshes both blocks
+    last = sixbit_compiler.stats(model)["last_generation"]["precision_counts"]
+    assert last == {"bf16": 0, "int8": 20, "nvfp4": 40}  # 3 computed calls x 20 layers; skipped ones not counted
