@@ -86,6 +86,10 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=16, help="latent height and width")
     ap.add_argument("--dump-dir", default="sixbit_dump")
     ap.add_argument("--hadamard", action="store_true")
+    ap.add_argument("--block-cache", action="store_true",
+                    help="experimental: skip stable blocks by reusing cached residuals (TDC policy); "
+                         "random weights rarely have stable residuals, so expect few skips here")
+    ap.add_argument("--cache-threshold", type=float, default=None, help="TDC residual-change threshold")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
@@ -104,7 +108,10 @@ def main(argv=None):
     with torch.no_grad():
         ref, ref_times = sample(model, latents, cond, uncond, args.steps, args.guidance, device)
         # The first call compiles; it is timed on its own and kept out of the sampling loop.
-        options = {"activation": args.activation, "dump_dir": args.dump_dir, "hadamard": args.hadamard}
+        options = {"activation": args.activation, "dump_dir": args.dump_dir, "hadamard": args.hadamard,
+                   "block_cache": args.block_cache}
+        if args.cache_threshold is not None:
+            options["cache_threshold"] = args.cache_threshold
         compiled = torch.compile(model, backend="sixbit", options=options)
         t0 = time.perf_counter()
         # the same dtype and strides as the loop's t.expand(batch): a mismatch would recompile
@@ -131,6 +138,9 @@ def main(argv=None):
         print(f"  peak allocated (loop)    {torch.cuda.max_memory_allocated() / 2**20:8.1f} MiB")
     counts = ", ".join(f"{k} {v}" for k, v in summary["precision_counts"].items() if v)
     print(f"  precision mix            {counts} layer-calls; {summary['avg_activation_bits']:.2f} activation bits on average")
+    if args.block_cache:
+        print(f"  block cache              {summary['skipped_blocks']} block-calls skipped, skip rate "
+              f"{summary['skip_rate']:.1%}, {sixbit_compiler.memory_report(compiled)['cache_bytes'] / 2**10:.1f} KiB cached")
     compiles = sixbit_compiler.stats(compiled)["summary"]["compiles"]
     print(f"  calls / steps            {summary['calls']} / {summary['steps']}, syncs per call "
           f"{summary['syncs_per_call']:.2f}, compiles {compiles}")
