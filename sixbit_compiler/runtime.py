@@ -55,12 +55,14 @@ class StepTracker:
 
     Rules (timesteps decrease within a generation in every diffusers sampler):
 
-    * first call, or the timestep goes back up: a new generation;
+    * first call, or the timestep goes back up: a new generation (a new prompt's
+      generation starts at the top of the schedule, so this is how it shows);
     * the same timestep as the previous call: the next CFG branch of the same step
       (Wan's pipeline calls the model once per branch) -- unless the same
       conditioning tensor comes again at this step, which means a restart;
-    * a lower timestep: the next step, unless a conditioning tensor never seen in
-      this generation arrives, which means a new prompt, hence a new generation.
+    * a lower timestep: the next step. A conditioning tensor never seen before does not
+      start a generation here: loops that build the embeddings every step (a fresh
+      tensor each time) must keep one generation.
 
     Batched CFG (CogVideoX) shows up as branch 0 with batch 2. Without a timestep
     input every call is its own step; :meth:`reset` starts a generation explicitly.
@@ -71,7 +73,6 @@ class StepTracker:
         self.step = -1
         self.branch = 0
         self.last_t: float | None = None
-        self._gen_conds: set[int] = set()
         self._step_conds: set[int] = set()
         self._pending_new_generation = True
 
@@ -92,18 +93,15 @@ class StepTracker:
                     new_gen = True
                 else:
                     self.branch += 1
-            elif cond_key is not None and cond_key not in self._gen_conds:
-                new_gen = True
             else:
                 self._next_step()
         if new_gen:
             self.generation += 1
             self.step, self.branch = 0, 0
-            self._gen_conds, self._step_conds = set(), set()
+            self._step_conds = set()
             self._pending_new_generation = False
         self.last_t = t
         if cond_key is not None:
-            self._gen_conds.add(cond_key)
             self._step_conds.add(cond_key)
         return new_gen
 

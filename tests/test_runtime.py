@@ -38,9 +38,10 @@ def test_interrupted_after_one_step_then_restarted():
     assert got == [(0, 0, 0), (0, 0, 1), (1, 0, 0), (1, 0, 1), (1, 1, 0)]
 
 
-def test_new_prompt_at_a_lower_timestep_is_a_new_generation():
-    got = place(StepTracker(), [(999, 1), (800, 1), (700, 3)])
-    assert got == [(0, 0, 0), (0, 1, 0), (1, 0, 0)]
+def test_fresh_conditioning_tensors_every_step_stay_one_generation():
+    # A loop that concatenates [uncond, cond] every step passes a new tensor each time.
+    got = place(StepTracker(), [(999, 1), (800, 2), (700, 3), (999, 4)])
+    assert got == [(0, 0, 0), (0, 1, 0), (0, 2, 0), (1, 0, 0)]
 
 
 def test_no_timestep_means_every_call_is_a_step():

@@ -1,0 +1,224 @@
+"""End-to-end benchmark: a real sampling loop per workload, every mode in one process.
+
+Workloads (BENCHMARKS.md): W-1.3B, W-14B (Wan2.1 configs, 480x832, 81 frames, two CFG calls
+per step, UniPC flow-matching scheduler as in the Wan pipeline), C-2B (CogVideoX-2B config,
+720x480, 49 frames, CFG batched, CogVideoX DDIM scheduler). Random weights (seeded). Tiny
+variants run on CPU as a smoke test.
+
+Modes: bf16_eager (SDPA default backend), inductor (whole-model torch.compile), torchao_fp8
+(float8 dynamic activation + weight, rowwise, + compile; needs torchao), sixbit_int8,
+sixbit_nvfp4, and forced skip schedules sixbit_int8_skip33 / _skip50 (block_cache, a third /
+half of the blocks skipped after the first step: the mechanism, not the policy).
+
+Per mode: loop time, median time per model call, first call (compile) time, weight bytes,
+cache bytes, peak allocated during the loop, fidelity of the final latents to bf16 eager
+(PSNR, SSIM, relative L2, cosine), and sixbit's stats. A mode that fails is recorded with
+its error; the others still run. JSON goes to $OUT (or ./out) after every mode.
+
+    python benchmarks/e2e.py --workload W-1.3B [--steps 50] [--modes bf16_eager,sixbit_int8]
+    python benchmarks/e2e.py --workload tiny-wan --steps 3          # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import traceback
+
+import torch
+
+WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+                text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6)
+WAN_14B = dict(WAN_1_3B, num_attention_heads=40, ffn_dim=13824, num_layers=40)
+COG_2B = dict(num_attention_heads=30, attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=512,
+              text_embed_dim=4096, num_layers=30, sample_width=90, sample_height=60, sample_frames=49, patch_size=2,
+              temporal_compression_ratio=4, max_text_seq_length=226)
+TINY_WAN = dict(WAN_1_3B, num_attention_heads=2, attention_head_dim=32, text_dim=64, freq_dim=32, ffn_dim=128,
+                num_layers=4, rope_max_seq_len=64)
+TINY_COG = dict(COG_2B, num_attention_heads=2, attention_head_dim=32, time_embed_dim=32, text_embed_dim=64,
+                num_layers=4, sample_width=16, sample_height=16, sample_frames=9, max_text_seq_length=16)
+
+WORKLOADS = {
+    # name: (family, config, latent [C, F, H, W] for Wan / [F, C, H, W] for CogVideoX, text tokens, guidance)
+    "W-1.3B": ("wan", WAN_1_3B, (16, 21, 60, 104), 512, 5.0),
+    "W-14B": ("wan", WAN_14B, (16, 21, 60, 104), 512, 5.0),
+    "C-2B": ("cogvideox", COG_2B, (13, 16, 60, 90), 226, 6.0),
+    "tiny-wan": ("wan", TINY_WAN, (16, 3, 8, 8), 16, 5.0),
+    "tiny-cogvideox": ("cogvideox", TINY_COG, (3, 16, 16, 16), 16, 6.0),
+}
+MODES = ["bf16_eager", "inductor", "torchao_fp8", "sixbit_int8", "sixbit_nvfp4", "sixbit_int8_skip33", "sixbit_int8_skip50"]
+
+
+def build(family, config, device, seed=0):
+    from diffusers import CogVideoXTransformer3DModel, WanTransformer3DModel
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    cls = WanTransformer3DModel if family == "wan" else CogVideoXTransformer3DModel
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # initialise in bf16 directly: a 14B fp32 init would not fit
+    try:
+        with torch.device(device):
+            model = cls(**config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def make_inputs(family, latent, text_tokens, text_dim, device):
+    g = torch.Generator(device="cpu").manual_seed(1)
+    x = torch.randn(1, *latent, generator=g).to(device, torch.bfloat16)
+    cond = torch.randn(1, text_tokens, text_dim, generator=g).to(device, torch.bfloat16)
+    uncond = torch.zeros_like(cond)
+    return x, cond, uncond
+
+
+def scheduler_for(family, steps, device):
+    if family == "wan":
+        from diffusers import UniPCMultistepScheduler
+
+        sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                        num_train_timesteps=1000)
+    else:
+        from diffusers import CogVideoXDDIMScheduler
+
+        sched = CogVideoXDDIMScheduler(prediction_type="v_prediction", timestep_spacing="trailing",
+                                       beta_schedule="scaled_linear", rescale_betas_zero_snr=True,
+                                       clip_sample=False, set_alpha_to_one=True)
+    sched.set_timesteps(steps, device=device)
+    return sched
+
+
+def sample(model, family, x, cond, uncond, steps, guidance, device, call_times):
+    """The pipeline's loop: Wan calls the model once per CFG branch, CogVideoX batches them."""
+    sched = scheduler_for(family, steps, device)
+    both = torch.cat([uncond, cond]) if family == "cogvideox" else None  # once, as the pipeline does
+    for t in sched.timesteps:
+        t0 = time.perf_counter()
+        if family == "wan":
+            tt = t.expand(x.shape[0])
+            c = model(hidden_states=x, timestep=tt, encoder_hidden_states=cond, return_dict=False)[0]
+            u = model(hidden_states=x, timestep=tt, encoder_hidden_states=uncond, return_dict=False)[0]
+            calls = 2
+        else:
+            xin = torch.cat([x, x])
+            out = model(hidden_states=xin, timestep=t.expand(2), encoder_hidden_states=both, return_dict=False)[0]
+            u, c = out.chunk(2)
+            calls = 1
+        sync(device)
+        call_times.extend([(time.perf_counter() - t0) / calls] * calls)
+        x = sched.step(u + guidance * (c - u), t, x, return_dict=False)[0]
+    return x
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def prepare(mode, model, device, num_blocks):
+    """The model as the mode runs it, plus a post-compile hook."""
+    import sixbit_compiler
+
+    if mode == "bf16_eager":
+        return model, None
+    if mode == "inductor":
+        return torch.compile(model), None
+    if mode == "torchao_fp8":
+        from torchao.quantization import PerRow, float8_dynamic_activation_float8_weight, quantize_
+
+        quantize_(model, float8_dynamic_activation_float8_weight(granularity=PerRow()))
+        return torch.compile(model), None
+    activation = "nvfp4" if mode == "sixbit_nvfp4" else "int8"
+    skip = {"sixbit_int8_skip33": 1 / 3, "sixbit_int8_skip50": 0.5}.get(mode)
+    options = {"activation": activation, "block_cache": skip is not None, "cache_policy": "none"}
+    compiled = torch.compile(model, backend="sixbit", options=options)
+
+    def after_first_call(m):
+        sixbit_compiler.reset(m)
+        if skip is not None:
+            sixbit_compiler.set_skip_schedule(m, sixbit_compiler.evenly_spaced_skips(num_blocks, skip))
+
+    return compiled, after_first_call
+
+
+def run_mode(mode, workload, steps, device):
+    import sixbit_compiler
+    from sixbit_compiler.quality import fidelity
+
+    family, config, latent, text_tokens, guidance = WORKLOADS[workload]
+    model = build(family, config, device)
+    text_dim = config["text_dim"] if family == "wan" else config["text_embed_dim"]
+    x, cond, uncond = make_inputs(family, latent, text_tokens, text_dim, device)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    num_blocks = config["num_layers"]
+    runnable, after_first_call = prepare(mode, model, device, num_blocks)
+    with torch.no_grad():
+        # First call on its own: compile time (and autotuning) stay out of the loop.
+        t0 = time.perf_counter()
+        sample(runnable, family, x, cond, uncond, 1, guidance, device, [])
+        first = time.perf_counter() - t0
+        if after_first_call:
+            after_first_call(runnable)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        call_times: list[float] = []
+        t0 = time.perf_counter()
+        out = sample(runnable, family, x, cond, uncond, steps, guidance, device, call_times)
+        sync(device)
+        loop = time.perf_counter() - t0
+    result = {
+        "loop_s": loop, "call_median_s": sorted(call_times)[len(call_times) // 2], "calls": len(call_times),
+        "first_call_s": first, "weights_bf16_bytes": weights,
+        "peak_allocated_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
+    }
+    if mode.startswith("sixbit"):
+        mem = sixbit_compiler.memory_report(runnable)
+        s = sixbit_compiler.stats(runnable)["last_generation"]
+        result.update(weights_bytes=mem["after_bytes"], cache_bytes=mem["cache_bytes"], skip_rate=s["skip_rate"],
+                      precision_counts=s["precision_counts"], avg_activation_bits=s["avg_activation_bits"],
+                      syncs_per_call=s["syncs_per_call"])
+    return result, out.float().cpu(), fidelity
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", default="W-1.3B", choices=list(WORKLOADS))
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    out_dir = os.environ.get("OUT", "out")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"e2e_{args.workload}.json")
+    report = {"workload": args.workload, "steps": args.steps, "device": str(device), "torch": torch.__version__,
+              "card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "sdpa": "default backend (cuDNN on torch 2.11 + H100)" if device.type == "cuda" else "default", "modes": {}}
+    reference = None
+    for mode in args.modes.split(","):
+        torch._dynamo.reset()
+        try:
+            result, latents, fidelity = run_mode(mode, args.workload, args.steps, device)
+            if mode == "bf16_eager":
+                reference = latents
+            if reference is not None:
+                result["fidelity_vs_bf16"] = fidelity(latents, reference)
+        except Exception as exc:  # record and go on: one failing mode must not hide the others
+            result = {"failed": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=3)}
+        report["modes"][mode] = result
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
+        brief = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items() if k != "traceback"}
+        print(mode, brief, flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()

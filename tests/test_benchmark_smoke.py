@@ -1,0 +1,27 @@
+"""The end-to-end benchmark script runs on CPU with tiny configs (no timing is asserted)."""
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("workload", ["tiny-wan", "tiny-cogvideox"])
+def test_e2e_benchmark_smoke(workload, tmp_path, monkeypatch):
+    monkeypatch.setenv("OUT", str(tmp_path))
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import e2e
+    finally:
+        sys.path.pop(0)
+    report = e2e.main(["--workload", workload, "--steps", "3", "--modes", "bf16_eager,sixbit_int8,sixbit_int8_skip50"])
+    modes = report["modes"]
+    assert set(modes) == {"bf16_eager", "sixbit_int8", "sixbit_int8_skip50"}
+    assert all("failed" not in m for m in modes.values()), modes
+    assert modes["bf16_eager"]["fidelity_vs_bf16"]["relative_l2"] == 0
+    assert 0 < modes["sixbit_int8"]["fidelity_vs_bf16"]["relative_l2"] < 0.2
+    assert modes["sixbit_int8_skip50"]["skip_rate"] > 0 and modes["sixbit_int8"]["skip_rate"] == 0
+    assert modes["sixbit_int8"]["weights_bytes"] < modes["sixbit_int8"]["weights_bf16_bytes"]
+    assert (tmp_path / f"e2e_{workload}.json").exists()
