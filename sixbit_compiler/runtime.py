@@ -216,6 +216,10 @@ class SixbitRuntime:
         Everything on the device that the decision needs (the timestep, and the block
         statistics the previous call left) travels to the host in one transfer.
         """
+        with self._lock:
+            self._begin_call(timestep, cond, hidden)
+
+    def _begin_call(self, timestep, cond, hidden) -> None:
         t, syncs = None, 0
         device_values = []
         if isinstance(timestep, torch.Tensor) and timestep.numel() > 0:
@@ -236,30 +240,28 @@ class SixbitRuntime:
                 self._take_block_stats(self.records[-1], [(index, (values[2 * i], values[2 * i + 1])) for i, (index, _) in enumerate(pending)])
             self._pending_stats = {}
         cond_key = cond.data_ptr() if isinstance(cond, torch.Tensor) else None
-        with self._lock:
-            last_step = self.tracker.step
-            new_gen = self.tracker.advance(t, cond_key)
-            if new_gen:
-                self._deltas.clear()  # cached residuals never cross generations
-                self._skipped_at_last_call.clear()
-                if self.policy:
-                    self.policy.reset()
-                if self.records:
-                    self._previous_generation = (self._generation_start, last_step + 1)
-                self._generation_start = t
-            if new_gen and self.records:
+        last_step = self.tracker.step
+        new_gen = self.tracker.advance(t, cond_key)
+        if new_gen:
+            self._deltas.clear()  # cached residuals never cross generations
+            self._skipped_at_last_call.clear()
+            if self.policy:
+                self.policy.reset()
+            if self.records:
+                self._previous_generation = (self._generation_start, last_step + 1)
                 self._log_generation_summary(self.records[-1].generation)
                 oldest_kept = self.tracker.generation - self.HISTORY_GENERATIONS + 1
                 if self.records[0].generation < oldest_kept:
                     self.records = [r for r in self.records if r.generation >= oldest_kept]
-            self.decide()
-            batch = int(hidden.shape[0]) if isinstance(hidden, torch.Tensor) and hidden.dim() > 0 else None
-            self.records.append(
-                CallRecord(
-                    self.tracker.generation, self.tracker.step, self.tracker.branch, t, batch,
-                    self.precision_slots.numpy().tobytes(), syncs,
-                )
+            self._generation_start = t
+        self.decide()
+        batch = int(hidden.shape[0]) if isinstance(hidden, torch.Tensor) and hidden.dim() > 0 else None
+        self.records.append(
+            CallRecord(
+                self.tracker.generation, self.tracker.step, self.tracker.branch, t, batch,
+                self.precision_slots.numpy().tobytes(), syncs,
             )
+        )
 
     def decide(self) -> None:
         """Set every precision slot and the block skip plan for this call.
@@ -287,9 +289,9 @@ class SixbitRuntime:
             return
         refreshing = {self.block_names[i] for (b, i) in self._skipped_at_last_call
                       if b == branch and i not in self._skip_plan and i < len(self.block_names)}
-        for slot, block in enumerate(self.slot_blocks):
-            if block in refreshing and self.precision_slots[slot] == int(Precision.NVFP4):
-                self.precision_slots[slot] = int(Precision.INT8)
+        if refreshing:
+            in_block = torch.tensor([block in refreshing for block in self.slot_blocks], dtype=torch.bool)
+            self.precision_slots[in_block & (self.precision_slots == int(Precision.NVFP4))] = int(Precision.INT8)
 
     def expected_steps(self) -> int | None:
         """Steps in this generation, if the previous one started at the same timestep."""
