@@ -141,11 +141,11 @@ def block_regions(gm: fx.GraphModule, ctx: CompileContext) -> None:
                 position = [p.name for p in body.graph.nodes if p.op == "placeholder"].index(slots_ph.name)
                 args[position] = graph.call_function(operator.getitem, (args[position], slice(base, base + count)))
             call = graph.call_module(name, tuple(args))
-            call.meta["sixbit_block"] = b.name
+            call.meta["sixbit_block_region"] = b.name  # the region's call sits outside every block
             getters = []
             for j, o in enumerate(outputs):
                 g = graph.call_function(operator.getitem, (call, j))
-                g.meta = dict(o.meta)
+                g.meta = {k: v for k, v in o.meta.items() if not k.startswith("sixbit_block")}
                 getters.append(g)
         for o, g in zip(outputs, getters):
             o.replace_all_uses_with(g)  # in-block users are erased next, in reverse order

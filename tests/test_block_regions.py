@@ -33,6 +33,7 @@ def regions_for(make, inputs, **options):
 def test_each_block_becomes_one_region_with_a_shared_body(make, inputs, n_blocks, q_per_block, n_outputs):
     gm, ctx, before, after = regions_for(make, inputs)
     assert len(ctx.block_regions) == n_blocks
+    assert not any("sixbit_block" in n.meta for n in gm.graph.nodes)  # no block node left in the outer graph
     assert after.get(QLINEAR, 0) == 0 and before[QLINEAR] == n_blocks * q_per_block  # moved into the bodies
     assert sum(v for k, v in after.items() if k.startswith("module:sixbit_block_")) == n_blocks
     runners = [gm.get_submodule(n) for n in ctx.block_regions]
