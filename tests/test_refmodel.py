@@ -1,0 +1,71 @@
+"""Reference-model data, text encoder and task metrics: known answers, and wrong videos fail."""
+
+import pytest
+import torch
+
+from sixbit_compiler.refmodel import ObjectSpec, TextEncoder, VideoSpec, adherence, prompt_tokens, random_spec, render
+
+
+def red_square_right(**kw):
+    return VideoSpec((ObjectSpec("red", "square", "right", "fast", (0.25, 0.5)),), **kw)
+
+
+def test_render_shape_and_range_and_determinism():
+    spec = random_spec(3)
+    v = render(spec)
+    assert v.shape == (spec.frames, spec.height, spec.width, 3) and 0 <= float(v.min()) and float(v.max()) <= 1
+    assert torch.equal(v, render(random_spec(3)))
+    assert random_spec(3) == spec and random_spec(4) != spec
+
+
+def test_red_square_moving_right_scores_as_such():
+    spec = red_square_right()
+    r = adherence(render(spec), spec)
+    (obj,) = r["objects"]
+    assert r["ok"] and obj["shape"] == "square" and obj["direction_ok"]
+    assert obj["area_cv"] < 0.05 and obj["color_spread"] < 1e-3  # temporally consistent
+
+
+@pytest.mark.parametrize("shape", ["circle", "square", "triangle"])
+def test_shapes_are_told_apart(shape):
+    spec = VideoSpec((ObjectSpec("green", shape, "down", "slow", (0.5, 0.3)),))
+    assert adherence(render(spec), spec)["objects"][0]["shape"] == shape
+
+
+def test_wrong_videos_fail():
+    spec = red_square_right()
+    video = render(spec)
+    assert not adherence(video.flip(0), spec)["ok"]  # played backwards: moves left
+    assert not adherence(video, VideoSpec((ObjectSpec("blue", "square", "right", "fast", (0.25, 0.5)),)))["ok"]
+    assert not adherence(video, VideoSpec((ObjectSpec("red", "circle", "right", "fast", (0.25, 0.5)),)))["ok"]
+    assert not adherence(video, VideoSpec((ObjectSpec("red", "square", "up", "fast", (0.25, 0.5)),)))["ok"]
+    static = video[:1].expand_as(video)
+    assert not adherence(static, spec)["ok"]  # does not move
+    noise = torch.rand(video.shape, generator=torch.Generator().manual_seed(0))
+    assert not adherence(noise, spec)["ok"]
+
+
+def test_flicker_shows_in_temporal_consistency():
+    spec = red_square_right()
+    video = render(spec).clone()
+    video[1::2] = video[1::2] * 0.8  # every other frame darker: colour flickers
+    obj = adherence(video, spec)["objects"][0]
+    assert obj["color_spread"] > 0.05
+
+
+def test_every_seeded_prompt_is_rendered_adherently():
+    assert all(adherence(render(s), s)["ok"] for s in map(random_spec, range(64)))
+
+
+def test_text_encoder_is_deterministic_and_the_empty_prompt_is_zero():
+    enc = TextEncoder(dim=32, max_tokens=12)
+    spec = random_spec(5)
+    e = enc(spec)
+    assert e.shape == (12, 32) and torch.equal(e, TextEncoder(dim=32, max_tokens=12)(spec))
+    n = len(prompt_tokens(spec))
+    assert (e[n:] == 0).all() and (e[:n].abs().sum(-1) > 0).all()
+    assert (enc(None) == 0).all()
+    other = TextEncoder(dim=32, max_tokens=12)
+    other.load_state_dict(enc.state_dict())
+    assert torch.equal(other(spec), e)
+    assert not torch.equal(enc(red_square_right()), enc(VideoSpec((ObjectSpec("red", "square", "left", "fast", (0.7, 0.5)),))))
