@@ -27,7 +27,7 @@ class SixbitOptions:
     #: Where to dump each compile (graph per pass, index page). ``SIXBIT_DUMP_DIR``
     #: sets it when the option is absent. ``None`` disables dumps.
     dump_dir: str | None = None
-    #: Activation precision of every quantized linear: "nvfp4", "int8" or "bf16".
+    #: Activation precision of every quantized linear: "nvfp4", "int8", "fp8" or "bf16".
     #: ("dynamic", the per-step DMPQ policy, arrives with the method issue.)
     activation: str = "int8"
     #: Glob patterns over module paths (e.g. "blocks.*.ffn.*"). When given, only
@@ -94,11 +94,11 @@ class SixbitOptions:
         if not isinstance(self.activation, str):
             raise bad("activation", "must be a string")
         if self.activation == "dynamic":
-            raise bad("activation", "'dynamic' (DMPQ) is not implemented yet; use 'nvfp4', 'int8' or 'bf16'")
+            raise bad("activation", "'dynamic' (DMPQ) is not implemented yet; use 'nvfp4', 'int8', 'fp8' or 'bf16'")
         try:
             Precision.parse(self.activation)
         except ValueError:
-            raise bad("activation", "must be one of 'nvfp4', 'int8', 'bf16'") from None
+            raise bad("activation", "must be one of 'nvfp4', 'int8', 'fp8', 'bf16'") from None
         for key in ("hadamard", "free_weights", "block_cache"):
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "must be a bool")

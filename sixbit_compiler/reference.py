@@ -1,12 +1,14 @@
 """Pure-PyTorch reference of the sixbit quantized linear: the numerical spec.
 
 ``y = x · Wᵀ + b`` where W is stored once, in NVFP4, and the activation runs at
-one of three precisions:
+one of four precisions:
 
 * ``BF16``:  y = x · dequant(W)ᵀ, computed in fp32.
 * ``INT8``:  per-token INT8 x per-channel INT8 weights derived from the NVFP4
   weights (:func:`~sixbit_compiler.formats.nvfp4_to_int8`), exact int32-range
   accumulation, then both scales.
+* ``FP8``:   per-token FP8 e4m3 x per-channel FP8 weights derived from the NVFP4 weights,
+  fp32 accumulation, then both scales.
 * ``NVFP4``: x quantized to NVFP4; the products of the two operands'
   ``e2m1 · e4m3`` values (exact in bf16) accumulate in fp32; the two tensor
   scales multiply the accumulator once.
@@ -24,7 +26,9 @@ from .formats import (
     dequantize_nvfp4,
     hadamard_rotate,
     nvfp4_block_values,
+    nvfp4_to_fp8,
     nvfp4_to_int8,
+    quantize_fp8_rows,
     quantize_int8,
     quantize_nvfp4,
 )
@@ -72,6 +76,11 @@ def quantized_linear_reference(
         wq, ws = nvfp4_to_int8(w_packed, w_block_scales, w_tensor_scale)
         xq, xs = quantize_int8(xk, axis=-1)
         out = (_int8_matmul(xq, wq) * xs.double() * ws.double().t()).to(torch.float32)
+    elif precision == Precision.FP8:
+        wq, ws = nvfp4_to_fp8(w_packed, w_block_scales, w_tensor_scale)
+        xq, xs = quantize_fp8_rows(xk)
+        # e4m3 x e4m3 products are exact in fp32: fp32 accumulation, then both scales.
+        out = (xq.to(torch.float32) @ wq.to(torch.float32).t()) * xs * ws.t()
     elif precision == Precision.NVFP4:
         xp, xb, xt = quantize_nvfp4(xk)
         a = nvfp4_block_values(xp, xb)

@@ -15,7 +15,7 @@ from models import cogvideox_inputs, hunyuan_inputs, scratch_dit, tiny_cogvideox
 from sixbit_compiler.weight_store import STORE
 
 # Stated end-to-end error bounds of the compiled tiny models against eager fp32 (relative L2).
-E2E_BOUNDS = {"bf16": 0.06, "int8": 0.06, "nvfp4": 0.08}  # measured: 0.034 / 0.034 / 0.039 (Wan)
+E2E_BOUNDS = {"bf16": 0.06, "int8": 0.06, "nvfp4": 0.08, "fp8": 0.06}  # measured: 0.034 / 0.034 / 0.039 (Wan)
 
 
 def graph_breaks() -> int:
@@ -26,7 +26,7 @@ def unique_graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
-@pytest.mark.parametrize("activation", ["int8", "nvfp4", "bf16"])
+@pytest.mark.parametrize("activation", ["int8", "nvfp4", "bf16", "fp8"])
 @pytest.mark.parametrize(
     "make, inputs", [(tiny_wan, wan_inputs), (tiny_cogvideox, cogvideox_inputs)], ids=["wan", "cogvideox"]
 )
@@ -258,7 +258,7 @@ def test_set_activation_switches_precision_without_recompiling():
     assert not torch.equal(a, b) and torch.equal(a, c)
     assert unique_graphs() == 1
     counts = sixbit_compiler.stats(model)["summary"]["precision_counts"]
-    assert counts == {"bf16": 0, "int8": 40, "nvfp4": 20}
+    assert counts == {"bf16": 0, "int8": 40, "nvfp4": 20, "fp8": 0}
     with pytest.raises(ValueError, match="unknown precision"):
         sixbit_compiler.set_activation(compiled, "fp3")
 

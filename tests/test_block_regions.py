@@ -275,4 +275,4 @@ def test_first_compute_after_a_skip_runs_int8_when_activations_are_nvfp4():
     precisions = [set(c["layers"].values()) for c in calls]
     assert precisions[1] == {"nvfp4"} and precisions[4] == {"int8"}  # step 4 refreshes both blocks
     last = sixbit_compiler.stats(model)["last_generation"]["precision_counts"]
-    assert last == {"bf16": 0, "int8": 20, "nvfp4": 40}  # 3 computed calls x 20 layers; skipped ones not counted
+    assert last == {"bf16": 0, "int8": 20, "nvfp4": 40, "fp8": 0}  # 3 computed calls x 20 layers; skipped ones not counted

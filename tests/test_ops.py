@@ -6,10 +6,13 @@ import torch
 from conftest import rel_err
 from sixbit_compiler.formats import (
     Precision,
+    dequantize_fp8_rows,
     dequantize_int8,
     dequantize_nvfp4,
     hadamard_rotate,
+    nvfp4_to_fp8,
     nvfp4_to_int8,
+    quantize_fp8_rows,
     quantize_int8,
     quantize_nvfp4,
 )
@@ -43,6 +46,9 @@ def emulate(x, qw, b, precision, hadamard=False):
     elif precision == Precision.INT8:
         xa = dequantize_int8(*quantize_int8(x2.float())).double()
         w = dequantize_int8(*nvfp4_to_int8(qw.packed, qw.block_scales, qw.tensor_scale)).double()
+    elif precision == Precision.FP8:
+        xa = dequantize_fp8_rows(*quantize_fp8_rows(x2.float())).double()
+        w = dequantize_fp8_rows(*nvfp4_to_fp8(qw.packed, qw.block_scales, qw.tensor_scale)).double()
     else:
         xa = dequantize_nvfp4(*quantize_nvfp4(x2.float()), dtype=torch.float64)
     out = xa @ w.t() + (b.double() if b is not None else 0)
@@ -60,7 +66,7 @@ def test_op_matches_fp64_emulation(precision, hadamard, seed):
 
 
 # Stated error bounds against the unquantized fp64 linear, on Gaussian data.
-BOUNDS = {Precision.BF16: 0.12, Precision.INT8: 0.12, Precision.NVFP4: 0.16}
+BOUNDS = {Precision.BF16: 0.12, Precision.INT8: 0.12, Precision.NVFP4: 0.16, Precision.FP8: 0.13}
 
 
 @pytest.mark.parametrize("hadamard", [False, True])

@@ -33,6 +33,7 @@ from .nvfp4 import (
     NVFP4_BLOCK,
     dequantize_nvfp4,
     nvfp4_block_values,
+    nvfp4_to_fp8,
     nvfp4_to_int8,
     quantize_nvfp4,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "hadamard_matrix",
     "hadamard_rotate",
     "nvfp4_block_values",
+    "nvfp4_to_fp8",
     "nvfp4_to_int8",
     "quantize_fp8_rows",
     "quantize_int8",

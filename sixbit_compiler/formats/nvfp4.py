@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from ._common import as_fp32, div_exact, nan_free_abs, pad_last, saturate_fp32
+from .fp8 import quantize_fp8_rows
 from .int8 import quantize_int8
 
 NVFP4_BLOCK = 16
@@ -126,3 +127,14 @@ def nvfp4_to_int8(
     padded K stays padded (the padding decodes to zeros).
     """
     return quantize_int8(dequantize_nvfp4(packed, block_scales, tensor_scale), axis=-1)
+
+
+def nvfp4_to_fp8(
+    packed: torch.Tensor, block_scales: torch.Tensor, tensor_scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel FP8 e4m3 weights derived from stored NVFP4 weights (the FP8 route).
+
+    ``e2m1 · e4m3`` products are not always e4m3 values, so this rounds once more (per
+    channel, like the INT8 route); the stored copy stays NVFP4.
+    """
+    return quantize_fp8_rows(dequantize_nvfp4(packed, block_scales, tensor_scale))

@@ -15,11 +15,12 @@ class Precision(enum.IntEnum):
     BF16 = 0  # activations unquantized; weights dequantized from NVFP4
     INT8 = 1  # per-token INT8 activations x per-channel INT8 weights (from NVFP4)
     NVFP4 = 2  # NVFP4 activations x NVFP4 weights
+    FP8 = 3  # per-token FP8 e4m3 activations x per-channel FP8 weights (from NVFP4)
 
     @property
     def bits(self) -> float:
         """Average stored bits per activation value, scales included."""
-        return {Precision.BF16: 16.0, Precision.INT8: 8.0, Precision.NVFP4: 4.5}[self]
+        return {Precision.BF16: 16.0, Precision.INT8: 8.0, Precision.NVFP4: 4.5, Precision.FP8: 8.0}[self]
 
     @classmethod
     def parse(cls, name: str) -> "Precision":

@@ -9,6 +9,8 @@ Per precision (spec: ``sixbit_compiler.reference``):
   tensor scales are applied after it. On CUDA that GEMM is cuBLAS (faster than the Triton
   template at these shapes, see :func:`float_scaled_gemm`).
 * BF16: x (bf16/fp16) times the decoded block values, tensor scale applied after.
+* FP8: per-token e4m3 activations x per-channel e4m3 weights (decoded per call) through
+  cuBLAS's FP8 rowwise ``_scaled_mm``.
 
 A case the kernels do not take returns None with a reason; the caller logs it once and runs
 the reference path.
@@ -20,7 +22,7 @@ import logging
 
 import torch
 
-from ..formats import Precision, hadamard_rotate
+from ..formats import Precision, hadamard_rotate, nvfp4_to_fp8, quantize_fp8_rows
 from ..formats._common import pad_last
 from .gemm import scaled_gemm
 from .quantize import quantize_int8_rows, quantize_nvfp4_values
@@ -63,6 +65,21 @@ def float_scaled_gemm(a, b, scale, bias, out_dtype, backend: str):
     out.mul_(scale)
     if bias is not None:
         out.add_(bias)
+    return out
+
+
+def fp8_linear(x2d, w_packed, w_block_scales_bits, w_tensor_scale, bias, out_dtype):
+    """The FP8 tier: cuBLAS FP8 rowwise ``_scaled_mm`` (1.4-1.8x bf16 on the H100 in
+    docs/benchmarks.md). Quantization still runs as PyTorch ops (not yet fused kernels)."""
+    n = w_packed.shape[0]
+    if n % 16 or out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        log_fallback_once(f"fp8 with N={n} (cuBLAS FP8 wants N % 16 == 0) or output {out_dtype}")
+        return None
+    xq, xs = quantize_fp8_rows(x2d)
+    wq, ws = nvfp4_to_fp8(w_packed, w_block_scales_bits.view(torch.float8_e4m3fn), w_tensor_scale)
+    out = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.t().contiguous(), out_dtype=out_dtype)
+    if bias is not None:
+        out = out + bias.to(out_dtype)
     return out
 
 
@@ -109,6 +126,10 @@ def quantized_linear(
     elif precision == Precision.BF16:
         wv = decode_nvfp4_values(w_packed, w_block_scales_bits, x2d.dtype)
         out = float_scaled_gemm(x2d, wv, w_tensor_scale, bias, out_dtype, float_gemm)
+    elif precision == Precision.FP8:
+        out = fp8_linear(x2d, w_packed, w_block_scales_bits, w_tensor_scale, bias, out_dtype)
+        if out is None:
+            return None
     else:
         log_fallback_once(f"precision {precision!r}")
         return None
