@@ -80,13 +80,13 @@ class BlockRunner(torch.nn.Module):
 
     def forward(self, *args):
         rt = self.runtime
-        if self.residual_inputs is not None:
-            xs = [args[k] for k in self.residual_inputs]
-            deltas = rt.block_should_skip(self.index, [x.shape for x in xs])
-            if deltas is not None:
-                return tuple(x + d for x, d in zip(xs, deltas))
+        if self.residual_inputs is None:
+            return (self.shared or self.body)(*args)
+        xs = [args[k] for k in self.residual_inputs]
+        deltas = rt.block_should_skip(self.index, [x.shape for x in xs])
+        if deltas is not None:
+            return tuple(x + d for x, d in zip(xs, deltas))
         outs = (self.shared or self.body)(*args)
-        if self.residual_inputs is not None and rt.keeps_residuals:
-            xs = [args[k] for k in self.residual_inputs]
+        if rt.keeps_residuals:
             rt.block_computed(self.index, xs, [o - x for o, x in zip(outs, xs)])
         return outs

@@ -237,7 +237,7 @@ class SixbitRuntime:
             if isinstance(timestep, torch.Tensor) and timestep.numel() > 0:
                 t, values = values[0], values[1:]
             if pending and self.records:
-                self._take_block_stats(self.records[-1], [(index, (values[2 * i], values[2 * i + 1])) for i, (index, _) in enumerate(pending)])
+                self._take_block_stats(self.records[-1], [index for index, _ in pending], values)
             self._pending_stats = {}
         cond_key = cond.data_ptr() if isinstance(cond, torch.Tensor) else None
         last_step = self.tracker.step
@@ -300,10 +300,12 @@ class SixbitRuntime:
             return prev[1]
         return None
 
-    def _take_block_stats(self, record: CallRecord, stats: list[tuple[int, tuple[float, float]]]) -> None:
-        record.block_stats = dict(stats)
+    def _take_block_stats(self, record: CallRecord, blocks: list[int], values: list[float]) -> None:
+        """Attach the host copy of pending statistics ([Γ, change] per block, flattened in
+        ``blocks`` order) to the call that measured them, and feed the policy."""
+        record.block_stats = {index: (values[2 * k], values[2 * k + 1]) for k, index in enumerate(blocks)}
         if self.policy is not None:
-            for index, (_, change) in stats:
+            for index, (_, change) in record.block_stats.items():
                 self.policy.observe(record.branch, index, change)
 
     # ---- called by BlockRunner during the call (no syncs) ---------------------------
@@ -352,7 +354,7 @@ class SixbitRuntime:
             if self._pending_stats and self.records:
                 pending = sorted(self._pending_stats.items())
                 values = torch.cat([s for _, s in pending]).tolist()
-                self._take_block_stats(self.records[-1], [(i, (values[2 * k], values[2 * k + 1])) for k, (i, _) in enumerate(pending)])
+                self._take_block_stats(self.records[-1], [i for i, _ in pending], values)
             self._pending_stats = {}
 
     def cache_bytes(self) -> int:
