@@ -38,9 +38,12 @@ def from_model(x: torch.Tensor) -> torch.Tensor:
     return ((x.permute(0, 2, 3, 4, 1) + 1) / 2).clamp(0, 1)
 
 
-def flow_matching_loss(model, x0: torch.Tensor, text: torch.Tensor, generator=None) -> torch.Tensor:
+def flow_matching_loss(model, x0: torch.Tensor, text: torch.Tensor, generator=None, shift: float = 1.0) -> torch.Tensor:
+    """Flow-matching loss at noise levels σ = shift·u / (1 + (shift − 1)·u), u uniform: ``shift`` > 1
+    spends more training at high noise, where the sampler (same shift) decides the layout."""
     b = x0.shape[0]
-    sigma = torch.rand(b, device=x0.device, generator=generator)
+    u = torch.rand(b, device=x0.device, generator=generator)
+    sigma = shift * u / (1 + (shift - 1) * u)
     noise = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
     s = sigma.view(b, 1, 1, 1, 1).to(x0.dtype)
     xt = (1 - s) * x0 + s * noise
@@ -52,21 +55,48 @@ def flow_matching_loss(model, x0: torch.Tensor, text: torch.Tensor, generator=No
 def sample(model, encoder: TextEncoder, spec: VideoSpec, steps: int = 20, guidance: float = 4.0, seed: int = 0,
            device="cpu", dtype=torch.float32) -> torch.Tensor:
     """Frames [T, H, W, 3] in [0, 1] for ``spec``'s prompt (its objects' paths are not given)."""
+    return sample_batch(model, encoder, [spec], steps, guidance, [seed], device, dtype)[0]
+
+
+def initial_noise(spec: VideoSpec, seed: int) -> torch.Tensor:
+    """The starting noise of a generation: [1, 3, T, H, W] float32, drawn on the CPU from ``seed``
+    (so CPU and GPU runs of one seed start from the same tensor)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(1, 3, spec.frames, spec.height, spec.width, generator=g)
+
+
+#: The sampler's flow shift (Wan uses 3.0 at 480p; see the model card for why the reference model uses its own).
+FLOW_SHIFT = 3.0
+
+
+def make_scheduler(steps: int, device="cpu", flow_shift: float | None = None):
     from diffusers import UniPCMultistepScheduler
 
-    sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+    sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                    flow_shift=FLOW_SHIFT if flow_shift is None else flow_shift,
                                     num_train_timesteps=1000)
     sched.set_timesteps(steps, device=device)
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.randn(1, 3, spec.frames, spec.height, spec.width, generator=g).to(device, dtype)
-    cond = encoder(spec)[None].to(device, dtype)
-    uncond = encoder(None)[None].to(device, dtype)
+    return sched
+
+
+@torch.no_grad()
+def sample_batch(model, encoder: TextEncoder, specs: list[VideoSpec], steps: int = 20, guidance: float = 4.0,
+                 seeds: list[int] | None = None, device="cpu", dtype=torch.float32) -> torch.Tensor:
+    """Frames [B, T, H, W, 3] for a batch of prompts, sampled together: per step, one conditional
+    and one unconditional call (Wan's pipeline order), each of batch B. Sample i starts from
+    ``initial_noise(specs[i], seeds[i])``, so a batch gives the same videos as one-by-one calls
+    up to floating-point reordering."""
+    seeds = list(range(len(specs))) if seeds is None else seeds
+    sched = make_scheduler(steps, device)
+    x = torch.cat([initial_noise(s, seed) for s, seed in zip(specs, seeds)]).to(device, dtype)
+    cond = torch.stack([encoder(s) for s in specs]).to(device, dtype)
+    uncond = torch.stack([encoder(None)] * len(specs)).to(device, dtype)
     for t in sched.timesteps:
-        tt = t.expand(1)
+        tt = t.expand(len(specs))
         c = model(hidden_states=x, timestep=tt, encoder_hidden_states=cond, return_dict=False)[0]
         u = model(hidden_states=x, timestep=tt, encoder_hidden_states=uncond, return_dict=False)[0]
         x = sched.step(u + guidance * (c - u), t, x, return_dict=False)[0]
-    return from_model(x.float())[0].cpu()
+    return from_model(x.float()).cpu()
 
 
 def save_gif(frames: torch.Tensor, path: str, fps: int = 6) -> None:
