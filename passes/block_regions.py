@@ -34,29 +34,23 @@ import torch.fx as fx
 
 from sixbit_compiler.blocks import BlockRunner
 from sixbit_compiler.context import CompileContext
-from sixbit_compiler.fx_utils import example_value
+from sixbit_compiler.residuals import BlockIO, block_io, block_members, contiguous, pair_residuals
 from sixbit_compiler.ops import QUANTIZED_LINEAR
 
 
-def _extract(gm: fx.GraphModule, nodes: list[fx.Node]):
-    """(inputs, outputs, body GraphModule) for a contiguous run of nodes."""
-    inside = set(nodes)
-    inputs: list[fx.Node] = []
-    for n in nodes:
-        for a in n.all_input_nodes:
-            if a not in inside and a not in inputs:
-                inputs.append(a)
-    outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+def _extract(gm: fx.GraphModule, io: BlockIO) -> fx.GraphModule:
+    """The body GraphModule of a contiguous block: placeholders for its inputs, a tuple of
+    its outputs."""
     body = fx.Graph()
     env = {}
-    for a in inputs:
+    for a in io.inputs:
         ph = body.placeholder(a.name)
         ph.meta = dict(a.meta)
         env[a] = ph
-    for n in nodes:
+    for n in io.nodes:
         env[n] = body.node_copy(n, lambda x: env[x])
-    body.output(tuple(env[o] for o in outputs))
-    return inputs, outputs, fx.GraphModule(gm, body)
+    body.output(tuple(env[o] for o in io.outputs))
+    return fx.GraphModule(gm, body)
 
 
 def _rebase_slots(body: fx.GraphModule) -> tuple[fx.Node, int, int] | None:
@@ -80,59 +74,28 @@ def _rebase_slots(body: fx.GraphModule) -> tuple[fx.Node, int, int] | None:
     return next(iter(slots_inputs)), base, len(indices)
 
 
-def _contiguous(gm: fx.GraphModule, nodes: list[fx.Node]) -> bool:
-    order = list(gm.graph.nodes)
-    first, last = order.index(nodes[0]), order.index(nodes[-1])
-    return len(order[first : last + 1]) == len(nodes)
-
-
 def block_regions(gm: fx.GraphModule, ctx: CompileContext) -> None:
     graph = gm.graph
     # Membership comes from node meta, which earlier passes keep on the nodes they create
     # (BlockInfo.nodes is the list as find_blocks found it).
-    members: dict[str, list[fx.Node]] = {}
-    for n in graph.nodes:
-        if n.meta.get("sixbit_block") is not None:
-            members.setdefault(n.meta["sixbit_block"], []).append(n)
-    regions = []  # (BlockInfo, nodes, inputs, outputs, body)
+    members = block_members(gm)
+    regions: list[BlockIO] = []
     for b in ctx.blocks:
         nodes = members.get(b.name, [])
-        if not nodes or not _contiguous(gm, nodes):
+        if not nodes or not contiguous(gm, nodes):
             ctx.notes.append(f"block_regions: {b.name} is not contiguous in the graph; left inline, never skipped")
             continue
-        inputs, outputs, body = _extract(gm, nodes)
-        regions.append((b, nodes, inputs, outputs, body))
-
-    # Residual pairing: output j of block i feeds block i+1 at some input position k;
-    # block i's own input at k is the stream output j updates. The last block of a group
-    # has no successor (and may drop a stream nothing reads, like CogVideoX's text stream):
-    # each of its outputs takes the one stream position of its predecessor with the same
-    # shape and dtype.
-    def same_kind(a: fx.Node, b: fx.Node) -> bool:
-        av, bv = example_value(a), example_value(b)
-        return av is not None and bv is not None and tuple(av.shape) == tuple(bv.shape) and av.dtype == bv.dtype
-
-    pairing: dict[int, list[int] | None] = {}
-    for r, (b, _, inputs, outputs, _) in enumerate(regions):
-        nxt = regions[r + 1] if r + 1 < len(regions) and regions[r + 1][0].group == b.group else None
-        if nxt is not None:
-            positions = [nxt[2].index(o) if o in nxt[2] else None for o in outputs]
-        else:
-            prev = pairing.get(r - 1) if r > 0 and regions[r - 1][0].group == b.group else None
-            positions = []
-            for o in outputs:
-                fits = [k for k in (prev or []) if k < len(inputs) and same_kind(inputs[k], o)]
-                positions.append(fits[0] if len(fits) == 1 else None)
-        ok = all(p is not None and p < len(inputs) for p in positions)
-        ok = ok and all(same_kind(inputs[p], o) for o, p in zip(outputs, positions))
-        pairing[r] = positions if ok else None
-        if not ok:
-            ctx.notes.append(f"block_regions: {b.name}: outputs not paired with residual inputs; never skipped")
+        regions.append(block_io(b.name, b.group, nodes))
+    for note in pair_residuals(regions):
+        ctx.notes.append(f"block_regions: {note}; never skipped")
+    info = {b.name: b for b in ctx.blocks}
+    bodies = [_extract(gm, io) for io in regions]  # before any rewiring below
 
     replaced: dict[fx.Node, fx.Node] = {}  # an earlier block's output -> its getitem
-    for r, (b, nodes, inputs, outputs, body) in enumerate(regions):
+    for io, body in zip(regions, bodies):
+        b, nodes, inputs, outputs = info[io.name], io.nodes, io.inputs, io.outputs
         name = f"sixbit_block_{b.index}"
-        gm.add_submodule(name, BlockRunner(b.index, b.name, body, pairing[r], ctx.runtime))
+        gm.add_submodule(name, BlockRunner(b.index, b.name, body, io.streams, ctx.runtime))
         args = [replaced.get(a, a) for a in inputs]
         with graph.inserting_before(nodes[0]):
             rebased = _rebase_slots(body)

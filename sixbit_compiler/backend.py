@@ -131,7 +131,7 @@ def sixbit_backend(gm: fx.GraphModule, example_inputs, options=None, **kwargs):
                 "graph inputs": f"{len(placeholders)} from Dynamo -> {len(specs)} after passes",
             },
         )
-    return runtime.wrap(compiled, specs, placeholders)
+    return runtime.wrap(compiled, specs, placeholders, ctx.stats_blocks)
 
 
 def _share_block_bodies(gm: fx.GraphModule, ctx: CompileContext, lowering: str, dump) -> int:

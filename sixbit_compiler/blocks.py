@@ -77,16 +77,20 @@ class BlockRunner(torch.nn.Module):
         self.shared: SharedBody | None = None  # set by the backend at lowering
         self.residual_inputs = residual_inputs  # input position updated by each output; None: not cacheable
         self.runtime = runtime
+        self.outlier_count = 0  # set by precision_guards: the body's last output holds this many ratios
 
     def forward(self, *args):
         rt = self.runtime
-        if self.residual_inputs is None:
-            return (self.shared or self.body)(*args)
-        xs = [args[k] for k in self.residual_inputs]
-        deltas = rt.block_should_skip(self.index, [x.shape for x in xs])
-        if deltas is not None:
-            return tuple(x + d for x, d in zip(xs, deltas))
-        outs = (self.shared or self.body)(*args)
-        if rt.keeps_residuals:
-            rt.block_computed(self.index, xs, [o - x for o, x in zip(outs, xs)])
+        outs = None
+        if self.residual_inputs is not None:
+            xs = [args[k] for k in self.residual_inputs]
+            deltas = rt.block_should_skip(self.index, [x.shape for x in xs])
+            if deltas is not None:
+                return tuple(x + d for x, d in zip(xs, deltas))
+        outs = tuple((self.shared or self.body)(*args))
+        outliers = None
+        if self.outlier_count:
+            outs, outliers = outs[:-1], outs[-1]
+        if self.residual_inputs is not None and rt.keeps_residuals:
+            rt.block_computed(self.index, xs, [o - x for o, x in zip(outs, xs)], outliers)
         return outs

@@ -64,6 +64,9 @@ class CompileContext:
     weights_to_release: list[torch.Tensor] = dataclasses.field(default_factory=list)
     block_regions: list[str] = dataclasses.field(default_factory=list)  # submodule names, by block_regions
     notes: list[str] = dataclasses.field(default_factory=list)
+    #: Block index of each entry of the graph's extra statistics output (precision_guards,
+    #: without block regions); None: the graph has no such output.
+    stats_blocks: list[int] | None = None
 
     @classmethod
     def for_graph(cls, gm: fx.GraphModule, example_inputs, options: SixbitOptions, **kw) -> "CompileContext":

@@ -18,6 +18,17 @@ LOWERINGS = ("auto", "eager", "inductor")
 CACHE_DTYPES = ("activation", "int8", "fp8")
 
 
+#: Named presets: the method's knobs at three points of the speed / fidelity trade-off.
+#: docs/options.md gives the fidelity and skip rate each reached, and on which model.
+PRESETS: dict[str, dict[str, Any]] = {
+    "quality": {"activation": "dynamic", "dmpq_budget": 0.08, "block_cache": False},
+    "balanced": {"activation": "dynamic", "dmpq_budget": 0.12, "block_cache": True, "cache_threshold": 0.05,
+                 "cache_tau": 0.1, "cache_max_skips": 1, "cache_first_steps": 2, "cache_last_steps": 1},
+    "fast": {"activation": "dynamic", "dmpq_budget": 0.2, "block_cache": True, "cache_threshold": 0.15,
+             "cache_tau": 0.3, "cache_max_skips": 2, "cache_first_steps": 1, "cache_last_steps": 1},
+}
+
+
 class SixbitOptionError(ValueError):
     """A bad key or value in ``options=``; the message names the key."""
 
@@ -27,9 +38,19 @@ class SixbitOptions:
     #: Where to dump each compile (graph per pass, index page). ``SIXBIT_DUMP_DIR``
     #: sets it when the option is absent. ``None`` disables dumps.
     dump_dir: str | None = None
-    #: Activation precision of every quantized linear: "nvfp4", "int8", "fp8" or "bf16".
-    #: ("dynamic", the per-step DMPQ policy, arrives with the method issue.)
-    activation: str = "int8"
+    #: A named preset ("quality", "balanced", "fast"; see PRESETS and docs/options.md) that
+    #: sets the method's options; any option given explicitly overrides the preset's value.
+    preset: str | None = None
+    #: Activation precision of the quantized linears: "dynamic" (DMPQ: per layer and per
+    #: call, NVFP4 when the calibrated predictor α·Γ_{t−1} + β stays within ``dmpq_budget``,
+    #: else INT8), or one fixed precision for all: "nvfp4", "int8", "fp8" or "bf16".
+    activation: str = "dynamic"
+    #: DMPQ's error budget: a layer runs NVFP4 activations when its predicted relative
+    #: output error (E_rel) is at most this, else INT8. None: the calibration's default.
+    dmpq_budget: float | None = None
+    #: A calibration file (written by ``sixbit calibrate``) with the predictor's α, β per
+    #: layer kind / layer. None: the shipped default (docs/calibration.md).
+    calibration: str | None = None
     #: Glob patterns over module paths (e.g. "blocks.*.ffn.*"). When given, only
     #: matching linear layers are quantized, inside transformer blocks or not.
     #: When empty, every linear layer inside a transformer block is a candidate.
@@ -76,6 +97,11 @@ class SixbitOptions:
             raise SixbitOptionError(
                 f"sixbit: unknown option(s) {', '.join(map(repr, unknown))}; valid options: {', '.join(sorted(known))}"
             )
+        preset = options.get("preset")
+        if preset is not None:
+            if preset not in PRESETS:
+                raise SixbitOptionError(f"sixbit: option 'preset': must be one of {sorted(PRESETS)} (got {preset!r})")
+            options = {**PRESETS[preset], **options}  # explicit options override the preset
         if options.get("dump_dir") is None and os.environ.get(DUMP_DIR_ENV):
             options["dump_dir"] = os.environ[DUMP_DIR_ENV]
         for key in ("include", "exclude"):
@@ -93,12 +119,20 @@ class SixbitOptions:
             raise bad("dump_dir", "must be a path string or None")
         if not isinstance(self.activation, str):
             raise bad("activation", "must be a string")
-        if self.activation == "dynamic":
-            raise bad("activation", "'dynamic' (DMPQ) is not implemented yet; use 'nvfp4', 'int8', 'fp8' or 'bf16'")
-        try:
-            Precision.parse(self.activation)
-        except ValueError:
-            raise bad("activation", "must be one of 'nvfp4', 'int8', 'fp8', 'bf16'") from None
+        if self.activation != "dynamic":
+            try:
+                Precision.parse(self.activation)
+            except ValueError:
+                raise bad("activation", "must be one of 'dynamic', 'nvfp4', 'int8', 'fp8', 'bf16'") from None
+        if self.dmpq_budget is not None and (
+            isinstance(self.dmpq_budget, bool) or not isinstance(self.dmpq_budget, (int, float)) or self.dmpq_budget < 0
+        ):
+            raise bad("dmpq_budget", "must be a number >= 0 or None")
+        if self.calibration is not None:
+            if not isinstance(self.calibration, (str, os.PathLike)):
+                raise bad("calibration", "must be a path to a calibration file or None")
+            if not os.path.isfile(self.calibration):
+                raise bad("calibration", "no such file")
         for key in ("hadamard", "free_weights", "block_cache"):
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "must be a bool")
@@ -129,8 +163,18 @@ class SixbitOptions:
             raise bad("timestep_input", "must be a graph input name or None")
 
     @property
+    def dynamic(self) -> bool:
+        return self.activation == "dynamic"
+
+    @property
     def precision(self) -> Precision:
-        return Precision.parse(self.activation)
+        """The fixed precision, or DMPQ's safe one (INT8) where it has no prediction."""
+        return Precision.INT8 if self.dynamic else Precision.parse(self.activation)
+
+    @property
+    def measures_blocks(self) -> bool:
+        """Whether the compiled model measures block statistics (DMPQ or the block cache)."""
+        return self.dynamic or self.block_cache
 
     def pass_enabled(self, name: str) -> bool:
         return self.passes.get(name, True)

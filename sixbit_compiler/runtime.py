@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 import weakref
 from typing import Any, Callable, Sequence
@@ -174,6 +175,15 @@ class SixbitRuntime:
                           options.cache_first_steps, options.cache_last_steps)
             )
         self._skipped_at_last_call: set[tuple[int, int]] = set()  # (branch, block), for PDR
+        # DMPQ / PDR inputs, per CFG branch: Γ of each block at its last call (NaN: none, or
+        # skipped) and each slot's last outlier ratio max|x| / mean|x| (NaN: not measured).
+        self._gamma: dict[int, torch.Tensor] = {}
+        self._outliers: dict[int, torch.Tensor] = {}
+        self._flat_stats: tuple[torch.Tensor, list[int]] | None = None  # a graph's Γ output, on the device
+        self._pending_outlier_counts: dict[int, int] = {}
+        self._predictor: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.calibration = None
+        self.dmpq_budget = options.dmpq_budget
         self._generation_start: float | None = None  # first timestep of this generation
         self._previous_generation: tuple[float | None, int] | None = None  # (first timestep, steps)
         self._skip_plan: frozenset[int] = frozenset()
@@ -191,8 +201,12 @@ class SixbitRuntime:
             self.precision_slots = slots
         return self._slot_index[layer]
 
-    def wrap(self, compiled: Callable, specs: Sequence[InputSpec], dynamo_names: Sequence[str]) -> Callable:
-        """The callable handed back to Dynamo: Dynamo's args in, the graph's outputs out."""
+    def wrap(self, compiled: Callable, specs: Sequence[InputSpec], dynamo_names: Sequence[str],
+             stats_blocks: list[int] | None = None) -> Callable:
+        """The callable handed back to Dynamo: Dynamo's args in, the graph's outputs out.
+
+        With ``stats_blocks`` the graph has one extra output (precision_guards' Γ vector):
+        it is kept on the device for the next call's decision and not returned."""
         t_index = _find_input(dynamo_names, self.options.timestep_input or ("timestep", "timesteps", "t"))
         cond_index = _find_input(dynamo_names, ("encoder_hidden_states", "context", "cond", "y"))
         x_index = _find_input(dynamo_names, ("hidden_states", "x", "latents", "sample"))
@@ -204,7 +218,11 @@ class SixbitRuntime:
                 args[cond_index] if cond_index is not None else None,
                 args[x_index] if x_index is not None else None,
             )
-            return compiled(*resolve(args))
+            out = compiled(*resolve(args))
+            if stats_blocks is None:
+                return out
+            self._flat_stats = (out[-1], stats_blocks)
+            return type(out)(out[:-1]) if isinstance(out, (tuple, list)) else out
 
         sixbit_call._sixbit_runtime = self  # type: ignore[attr-defined]
         return sixbit_call
@@ -226,25 +244,25 @@ class SixbitRuntime:
             device_values.append(timestep.reshape(-1)[:1].to(torch.float32))
         elif isinstance(timestep, (int, float)):
             t = float(timestep)
-        pending = sorted(self._pending_stats.items())
+        pending = self._pending_vectors()
         if pending:
-            dev = pending[0][1].device
-            device_values = [v.to(dev) for v in device_values] + [s for _, s in pending]
+            dev = pending[0].device
+            device_values = [v.to(dev) for v in device_values] + pending
         if device_values:
             values = torch.cat(device_values)
             syncs = int(values.device.type != "cpu")  # the single transfer of this call
             values = values.tolist()
             if isinstance(timestep, torch.Tensor) and timestep.numel() > 0:
                 t, values = values[0], values[1:]
-            if pending and self.records:
-                self._take_block_stats(self.records[-1], [index for index, _ in pending], values)
-            self._pending_stats = {}
+            self._take_pending(values)
         cond_key = cond.data_ptr() if isinstance(cond, torch.Tensor) else None
         last_step = self.tracker.step
         new_gen = self.tracker.advance(t, cond_key)
         if new_gen:
             self._deltas.clear()  # cached residuals never cross generations
             self._skipped_at_last_call.clear()
+            self._gamma.clear()
+            self._outliers.clear()
             if self.policy:
                 self.policy.reset()
             if self.records:
@@ -269,8 +287,11 @@ class SixbitRuntime:
         Static policy: the ``activation`` option (or :func:`set_activation`), and the skip
         schedule set with :func:`set_skip_schedule` (none: every block computes).
         """
-        self.precision_slots.fill_(int(self.forced if self.forced is not None else self.options.precision))
         step, branch = self.tracker.step, self.tracker.branch
+        if self.forced is None and self.options.dynamic:
+            self._dmpq(branch)
+        else:
+            self.precision_slots.fill_(int(self.forced if self.forced is not None else self.options.precision))
         if self.skip_schedule is not None:
             plan = self.skip_schedule(step, branch)
         elif self.policy is not None:
@@ -279,6 +300,54 @@ class SixbitRuntime:
             plan = ()
         self._skip_plan = frozenset(plan or ())
         self._purified_refresh(branch)
+        self._outlier_refresh(branch)
+
+    def _dmpq(self, branch: int) -> None:
+        """DMPQ: NVFP4 activations where α·Γ_{t−1} + β ≤ budget, else INT8 (also where the
+        block has no Γ from this branch's previous call: first step, or it was skipped)."""
+        n = len(self.slot_names)
+        if self._predictor is None or self._predictor[0] != n:
+            from .calibration import Calibration
+
+            if self.calibration is None:
+                self.calibration = Calibration.load(self.options.calibration)
+                if self.dmpq_budget is None:
+                    self.dmpq_budget = self.calibration.default_budget
+            alpha, beta = self.calibration.coefficients(self.slot_names, self.slot_blocks)
+            index = {name: i for i, name in enumerate(self.block_names)}
+            block_of_slot = torch.tensor([index.get(b, -1) for b in self.slot_blocks], dtype=torch.long)
+            self._predictor = (n, torch.tensor(alpha, dtype=torch.float64), torch.tensor(beta, dtype=torch.float64),
+                               block_of_slot)
+        _, alpha, beta, block_of_slot = self._predictor
+        gamma = self._gamma.get(branch)
+        if gamma is None or gamma.numel() == 0:
+            self.precision_slots.fill_(int(Precision.INT8))
+            return
+        g = torch.where(block_of_slot >= 0, gamma[block_of_slot.clamp(min=0)], torch.tensor(math.nan, dtype=torch.float64))
+        nvfp4 = (alpha * g + beta) <= self.dmpq_budget  # NaN compares False: INT8
+        self.precision_slots.copy_(torch.where(nvfp4, int(Precision.NVFP4), int(Precision.INT8)).to(torch.int8))
+
+    #: PDR's first rule: a layer whose activation outlier ratio max|x| / mean|x| exceeded this
+    #: at its last compute runs bf16 when its block computes (and so refreshes the cache).
+    PDR_OUTLIER_RATIO = 25.0
+
+    def _outlier_refresh(self, branch: int) -> None:
+        ratios = self._outliers.get(branch)
+        if ratios is None or not self.keeps_residuals:
+            return
+        outlier = ratios > self.PDR_OUTLIER_RATIO
+        if self._skip_plan:
+            skipped = {self.block_names[i] for i in self._skip_plan if i < len(self.block_names)}
+            outlier &= torch.tensor([b not in skipped for b in self.slot_blocks], dtype=torch.bool)
+        self.precision_slots[outlier] = int(Precision.BF16)
+
+    def _block_slots(self) -> dict[int, list[int]]:
+        index = {name: i for i, name in enumerate(self.block_names)}
+        out: dict[int, list[int]] = {}
+        for slot, block in enumerate(self.slot_blocks):
+            if block in index:
+                out.setdefault(index[block], []).append(slot)
+        return out
 
     def _purified_refresh(self, branch: int) -> None:
         """PDR, second rule: the first compute of a block after a skip refreshes its cached
@@ -300,13 +369,25 @@ class SixbitRuntime:
             return prev[1]
         return None
 
-    def _take_block_stats(self, record: CallRecord, blocks: list[int], values: list[float]) -> None:
-        """Attach the host copy of pending statistics ([Γ, change] per block, flattened in
-        ``blocks`` order) to the call that measured them, and feed the policy."""
-        record.block_stats = {index: (values[2 * k], values[2 * k + 1]) for k, index in enumerate(blocks)}
-        if self.policy is not None:
-            for index, (_, change) in record.block_stats.items():
+    def _take_block_stats(self, record: CallRecord, stats: dict[int, tuple[float, float]],
+                          outliers: dict[int, list[float]]) -> None:
+        """Record a call's block statistics and feed DMPQ's Γ table, PDR's outlier ratios and
+        the skip policy, for that call's CFG branch."""
+        record.block_stats = dict(sorted(stats.items()))
+        n_blocks = len(self.block_names)
+        gamma = self._gamma.setdefault(record.branch, torch.full((n_blocks,), math.nan, dtype=torch.float64))
+        for index, (g, change) in record.block_stats.items():
+            if index < n_blocks:
+                gamma[index] = g
+            if self.policy is not None:
                 self.policy.observe(record.branch, index, change)
+        if outliers:
+            ratios = self._outliers.setdefault(record.branch, torch.full((len(self.slot_names),), math.nan))
+            block_slots = self._block_slots()
+            for index, values in outliers.items():
+                slots = block_slots.get(index, [])
+                if len(slots) == len(values):
+                    ratios[slots] = torch.tensor(values)
 
     # ---- called by BlockRunner during the call (no syncs) ---------------------------
     def block_should_skip(self, index: int, shapes) -> list[torch.Tensor] | None:
@@ -325,9 +406,13 @@ class SixbitRuntime:
         if self.policy is not None and self.skip_schedule is None:
             self.policy.skipped(self.tracker.branch, index)
         self._skipped_at_last_call.add((self.tracker.branch, index))
+        gamma = self._gamma.get(self.tracker.branch)
+        if gamma is not None and index < gamma.numel():
+            gamma[index] = math.nan  # skipped at this call: no Γ for the next one (DMPQ: INT8)
         return [d.load() for d in stored]
 
-    def block_computed(self, index: int, inputs: list[torch.Tensor], deltas: list[torch.Tensor]) -> None:
+    def block_computed(self, index: int, inputs: list[torch.Tensor], deltas: list[torch.Tensor],
+                       outliers: torch.Tensor | None = None) -> None:
         """Refresh the cached residual of a computed block and queue its statistics.
 
         On the first residual stream: Γ = ‖Δ‖₁ / ‖X‖₁ (the block's input-output difference)
@@ -344,18 +429,45 @@ class SixbitRuntime:
             change = (d - p).abs().sum() / p.abs().sum()
         else:
             change = torch.full((), float("nan"), device=d.device)
-        self._pending_stats[index] = torch.stack([gamma, change])
+        vector = torch.stack([gamma, change])
+        if outliers is not None:  # PDR's outlier ratios of the block's layers (precision_guards)
+            vector = torch.cat([vector, outliers.reshape(-1).float().to(vector.device)])
+            self._pending_outlier_counts[index] = outliers.numel()
+        self._pending_stats[index] = vector
         self._skipped_at_last_call.discard(key)
         self._deltas[key] = [StoredDelta.store(x, self.options.cache_dtype) for x in deltas]
 
     def flush_block_stats(self) -> None:
         """Read the last call's pending block statistics now (one sync; for stats())."""
         with self._lock:
-            if self._pending_stats and self.records:
-                pending = sorted(self._pending_stats.items())
-                values = torch.cat([s for _, s in pending]).tolist()
-                self._take_block_stats(self.records[-1], [i for i, _ in pending], values)
-            self._pending_stats = {}
+            pending = self._pending_vectors()
+            if pending:
+                self._take_pending(torch.cat([p.to(pending[0].device) for p in pending]).tolist())
+
+    def _pending_vectors(self) -> list[torch.Tensor]:
+        """The device vectors the last call left: the graph's Γ output, then per computed block
+        [Γ, change, outlier ratios...] in block order."""
+        out = [self._flat_stats[0].reshape(-1).float()] if self._flat_stats is not None else []
+        return out + [v for _, v in sorted(self._pending_stats.items())]
+
+    def _take_pending(self, values: list[float]) -> None:
+        """Attach the host copy of the pending statistics to the call that measured them."""
+        record = self.records[-1] if self.records else None
+        stats: dict[int, tuple[float, float]] = {}
+        outliers: dict[int, list[float]] = {}
+        if self._flat_stats is not None:
+            blocks = self._flat_stats[1]
+            stats.update({b: (values[k], math.nan) for k, b in enumerate(blocks)})
+            values = values[len(blocks):]
+        for index, _ in sorted(self._pending_stats.items()):
+            n = self._pending_outlier_counts.get(index, 0)
+            stats[index] = (values[0], values[1])
+            if n:
+                outliers[index] = values[2 : 2 + n]
+            values = values[2 + n :]
+        self._flat_stats, self._pending_stats, self._pending_outlier_counts = None, {}, {}
+        if record is not None:
+            self._take_block_stats(record, stats, outliers)
 
     def cache_bytes(self) -> int:
         return sum(d.nbytes for ds in self._deltas.values() for d in ds)
@@ -365,8 +477,10 @@ class SixbitRuntime:
         with self._lock:
             self.tracker.reset()
             self._deltas.clear()
-            self._pending_stats = {}
+            self._pending_stats, self._pending_outlier_counts, self._flat_stats = {}, {}, None
             self._skipped_at_last_call.clear()
+            self._gamma.clear()
+            self._outliers.clear()
             if self.policy:
                 self.policy.reset()
 

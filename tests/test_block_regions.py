@@ -152,10 +152,12 @@ def test_dump_shows_the_regions_and_each_distinct_body(tmp_path):
     (d,) = list(tmp_path.iterdir())
     files = sorted(p.name for p in d.iterdir())
     assert files == ["00_captured.py", "01_find_blocks.py", "02_quantize_linears.py", "03_block_regions.py",
-                     "04_block_body_0.py", "index.md"]
+                     "04_precision_guards.py", "05_block_body_0.py", "index.md"]
     main = (d / "03_block_regions.py").read_text()
     assert main.count("self.sixbit_block_") == 3 and "quantized_linear" not in main.split("\n\n", 1)[1]
-    assert (d / "04_block_body_0.py").read_text().count("torch.ops.sixbit.quantized_linear.default(") == 10
+    body = (d / "05_block_body_0.py").read_text()
+    assert body.count("torch.ops.sixbit.quantized_linear.default(") == 10
+    assert body.count("torch.amax(") == 7  # precision_guards: one outlier ratio per distinct linear input (q, k, v share one)
     index = (d / "index.md").read_text()
     assert "3 block regions, 1 distinct bodies" in index
 

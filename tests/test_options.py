@@ -9,7 +9,8 @@ from sixbit_compiler.formats import Precision
 
 def test_defaults():
     o = SixbitOptions.from_dict(None)
-    assert o.activation == "int8" and o.precision == Precision.INT8
+    assert o.activation == "dynamic" and o.dynamic and o.precision == Precision.INT8  # DMPQ's fallback
+    assert o.dmpq_budget is None and o.calibration is None and o.preset is None
     assert o.include == () and o.exclude == () and o.hadamard is False and o.free_weights is True
     assert o.pass_enabled("quantize_linears")
 
@@ -28,7 +29,10 @@ def test_values_are_parsed():
     [
         ({"activaton": "int8"}, "activaton"),
         ({"activation": "fp4"}, "activation"),
-        ({"activation": "dynamic"}, "activation"),
+        ({"activation": "dynamc"}, "activation"),
+        ({"dmpq_budget": -0.1}, "dmpq_budget"),
+        ({"calibration": "/no/such/file.json"}, "calibration"),
+        ({"preset": "fastest"}, "preset"),
         ({"activation": 8}, "activation"),
         ({"hadamard": "yes"}, "hadamard"),
         ({"include": 3}, "include"),
@@ -62,3 +66,15 @@ def test_bad_option_through_torch_compile_names_the_key():
     compiled = torch.compile(model, backend="sixbit", options={"activation": "fp4"})
     with pytest.raises(Exception, match="'activation'"):
         compiled(torch.randn(2, 8))
+
+
+def test_presets_set_the_method_and_explicit_options_win():
+    from sixbit_compiler.options import PRESETS
+
+    fast = SixbitOptions.from_dict({"preset": "fast"})
+    assert fast.dynamic and fast.block_cache and fast.dmpq_budget == PRESETS["fast"]["dmpq_budget"]
+    quality = SixbitOptions.from_dict({"preset": "quality"})
+    assert not quality.block_cache and quality.dmpq_budget < fast.dmpq_budget
+    mine = SixbitOptions.from_dict({"preset": "balanced", "cache_threshold": 0.5, "activation": "int8"})
+    assert mine.cache_threshold == 0.5 and mine.activation == "int8" and mine.block_cache
+    assert mine.cache_tau == PRESETS["balanced"]["cache_tau"]

@@ -1,0 +1,115 @@
+"""precision_guards: the statistics DMPQ and PDR decide from, measured inside the compiled graph.
+
+Contract
+--------
+Expects: ``find_blocks`` and ``quantize_linears`` have run; runs after ``block_regions``.
+Runs when the model measures block statistics (``activation="dynamic"`` or
+``block_cache=True``; ``enabled_by = "measures_blocks"``). It adds no graph break and no
+host sync: the statistics stay on the device until the runtime's one transfer per call.
+
+Each quantized linear already reads its precision from ``precision_slots[slot]``; this pass
+adds what the runtime needs to set those slots at the next call:
+
+* **without block regions** (no block cache): per block whose output pairs with a residual
+  input, Γ = ‖Y − X‖₁ / ‖X‖₁ on its first residual stream (``torch.sub``, two
+  ``torch.abs``, two fp32 ``torch.sum``, one ``torch.div``, right after the block), all
+  stacked (one ``torch.stack``) into one fp32 vector appended to the graph's outputs.
+  ``ctx.stats_blocks`` lists the block index of each entry; the runtime strips the extra
+  output before Dynamo sees it.
+* **with block regions**: the runner already measures Γ and the residual change when a
+  block computes. Inside each region body, per distinct quantized-linear input x, the
+  outlier ratio max|x| / mean|x| (``torch.abs``, ``torch.amax``, fp32 ``torch.mean``,
+  ``torch.div``), stacked in slot order and appended to the body's outputs (the runner
+  strips it): PDR's first rule reads it. Bodies stay identical across blocks of one
+  class, so they still share one lowered body.
+
+Guarantees: the original outputs are unchanged (same nodes, same order); only the ops named
+above are added.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from sixbit_compiler.context import CompileContext
+from sixbit_compiler.ops import QUANTIZED_LINEAR
+from sixbit_compiler.residuals import block_io, block_members, pair_residuals
+
+
+def _append_output(graph: fx.Graph, value: fx.Node) -> None:
+    out = next(n for n in graph.nodes if n.op == "output")
+    result = out.args[0]
+    out.args = ((*result, value) if isinstance(result, (tuple, list)) else (result, value),)
+
+
+def _block_gammas(gm: fx.GraphModule, ctx: CompileContext) -> None:
+    members = block_members(gm)
+    ios = [block_io(b.name, b.group, members[b.name]) for b in ctx.blocks if members.get(b.name)]
+    for note in pair_residuals(ios):
+        ctx.notes.append(f"precision_guards: {note}; no Γ (its layers run INT8 under DMPQ)")
+    index = {b.name: b.index for b in ctx.blocks}
+    graph = gm.graph
+    gammas, blocks = [], []
+    for io in ios:
+        if not io.streams:
+            continue
+        y, x = io.outputs[0], io.inputs[io.streams[0]]
+        cursor = y
+
+        def add(fn, args, kwargs=None):
+            nonlocal cursor
+            with graph.inserting_after(cursor):
+                cursor = graph.call_function(fn, args, kwargs or {})
+            return cursor
+
+        d = add(torch.sub, (y, x))
+        num = add(torch.sum, (add(torch.abs, (d,)),), {"dtype": torch.float32})
+        den = add(torch.sum, (add(torch.abs, (x,)),), {"dtype": torch.float32})
+        gammas.append(add(torch.div, (num, den)))
+        blocks.append(index[io.name])
+    if not gammas:
+        ctx.notes.append("precision_guards: no block with a residual stream; DMPQ runs every layer INT8")
+        return
+    out = next(n for n in graph.nodes if n.op == "output")
+    with graph.inserting_before(out):
+        stats = graph.call_function(torch.stack, (gammas,))
+    _append_output(graph, stats)
+    ctx.stats_blocks = blocks
+
+
+def _body_outlier_ratios(body: fx.GraphModule) -> int:
+    """Append max|x| / mean|x| of each quantized linear's input (slot order) to the body's outputs."""
+    graph = body.graph
+    qls = sorted((n for n in graph.nodes if n.op == "call_function" and n.target is QUANTIZED_LINEAR),
+                 key=lambda n: n.args[6])
+    if not qls:
+        return 0
+    ratio_of: dict[fx.Node, fx.Node] = {}
+    for q in qls:
+        x = q.args[0]
+        if x in ratio_of:
+            continue
+        with graph.inserting_before(q):
+            a = graph.call_function(torch.abs, (x,))
+            peak = graph.call_function(torch.amax, (a,))
+            mean = graph.call_function(torch.mean, (a,), {"dtype": torch.float32})
+            ratio_of[x] = graph.call_function(torch.div, (peak, mean))
+    out = next(n for n in graph.nodes if n.op == "output")
+    with graph.inserting_before(out):
+        stats = graph.call_function(torch.stack, ([ratio_of[q.args[0]] for q in qls],))
+    _append_output(graph, stats)
+    body.recompile()
+    return len(qls)
+
+
+def precision_guards(gm: fx.GraphModule, ctx: CompileContext) -> None:
+    if not ctx.block_regions:
+        _block_gammas(gm, ctx)
+        return
+    for name in ctx.block_regions:
+        runner = gm.get_submodule(name)
+        runner.outlier_count = _body_outlier_ratios(runner.body)
+
+
+precision_guards.enabled_by = "measures_blocks"
