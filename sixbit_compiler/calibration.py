@@ -47,6 +47,9 @@ class Fit:
         sgg = sum((g - mg) ** 2 for g in gammas)
         see = sum((e - me) ** 2 for e in errors)
         sge = sum((g - mg) * (e - me) for g, e in zip(gammas, errors))
+        # spreads at rounding level are no spread (a constant series sums to ~1e-33, not 0)
+        sgg = sgg if sgg > 1e-12 * n * (mg * mg + 1e-30) else 0.0
+        see = see if see > 1e-12 * n * (me * me + 1e-30) else 0.0
         alpha = sge / sgg if sgg > 0 else 0.0
         r = sge / math.sqrt(sgg * see) if sgg > 0 and see > 0 else math.nan
         return cls(alpha, me - alpha * mg, r, n)

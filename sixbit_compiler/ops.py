@@ -26,6 +26,10 @@ from .reference import quantized_linear_reference
 #: Set SIXBIT_KERNELS=0 to run the reference path on GPU too (debugging, A/B checks).
 KERNELS_ENV = "SIXBIT_KERNELS"
 
+#: Set only while ``sixbit calibrate`` runs: called as ``recorder(slot, x, weight args...)``
+#: by every quantized linear, to measure its NVFP4 activation error (see calibrate.py).
+CALIBRATION_RECORDER = None
+
 
 def use_kernels() -> bool:
     from .kernels import triton_available
@@ -53,6 +57,8 @@ def quantized_linear(
     as raw uint8 bits, the convention Triton kernels use too.
     """
     precision = Precision(int(precision_slots[slot]))
+    if CALIBRATION_RECORDER is not None:
+        CALIBRATION_RECORDER(slot, x, w_packed, w_block_scales, w_tensor_scale, in_features, hadamard)
     if x.is_cuda and use_kernels():
         from .kernels import dispatch
 
