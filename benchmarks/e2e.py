@@ -7,8 +7,11 @@ variants run on CPU as a smoke test.
 
 Modes: bf16_eager (SDPA default backend), inductor (whole-model torch.compile), torchao_fp8
 (float8 dynamic activation + weight, rowwise, + compile; needs torchao), sixbit_int8,
-sixbit_nvfp4, and forced skip schedules sixbit_int8_skip33 / _skip50 (block_cache, a third /
-half of the blocks skipped after the first step: the mechanism, not the policy).
+sixbit_nvfp4, sixbit_dynamic (DMPQ, shipped calibration), sixbit_dynamic_int8 (DMPQ's
+bookkeeping with a zero budget, so every layer stays INT8: compare with sixbit_int8),
+sixbit_int8_cache (block regions, nothing skipped: the mechanism's cost) and forced skip
+schedules sixbit_int8_skip33 / _skip50 (a third / half of the blocks skipped after the first
+step: the mechanism, not the policy), and the presets sixbit_quality / _balanced / _fast.
 
 Per mode: loop time, median time per model call, first call (compile) time, weight bytes,
 cache bytes, peak allocated during the loop, fidelity of the final latents to bf16 eager
@@ -49,7 +52,8 @@ WORKLOADS = {
     "tiny-wan": ("wan", TINY_WAN, (16, 3, 8, 8), 16, 5.0),
     "tiny-cogvideox": ("cogvideox", TINY_COG, (3, 16, 16, 16), 16, 6.0),
 }
-MODES = ["bf16_eager", "inductor", "torchao_fp8", "sixbit_int8", "sixbit_nvfp4", "sixbit_int8_skip33", "sixbit_int8_skip50"]
+MODES = ["bf16_eager", "inductor", "torchao_fp8", "sixbit_int8", "sixbit_nvfp4", "sixbit_dynamic", "sixbit_dynamic_int8",
+         "sixbit_int8_cache", "sixbit_int8_skip33", "sixbit_int8_skip50", "sixbit_quality", "sixbit_balanced", "sixbit_fast"]
 
 
 def build(family, config, device, seed=0):
@@ -133,9 +137,16 @@ def prepare(mode, model, device, num_blocks):
 
         quantize_(model, float8_dynamic_activation_float8_weight(granularity=PerRow()))
         return torch.compile(model), None
-    activation = "nvfp4" if mode == "sixbit_nvfp4" else "int8"
-    skip = {"sixbit_int8_skip33": 1 / 3, "sixbit_int8_skip50": 0.5}.get(mode)
-    options = {"activation": activation, "block_cache": skip is not None, "cache_policy": "none"}
+    skip = {"sixbit_int8_cache": 0.0, "sixbit_int8_skip33": 1 / 3, "sixbit_int8_skip50": 0.5}.get(mode)
+    if mode in ("sixbit_quality", "sixbit_balanced", "sixbit_fast"):
+        options = {"preset": mode.split("_", 1)[1]}
+    elif mode == "sixbit_dynamic":
+        options = {"activation": "dynamic"}
+    elif mode == "sixbit_dynamic_int8":  # DMPQ's bookkeeping with a zero budget: every layer stays INT8
+        options = {"activation": "dynamic", "dmpq_budget": 0.0}
+    else:
+        options = {"activation": "nvfp4" if mode == "sixbit_nvfp4" else "int8", "block_cache": skip is not None,
+                   "cache_policy": "none"}
     compiled = torch.compile(model, backend="sixbit", options=options)
 
     def after_first_call(m):

@@ -184,6 +184,7 @@ class SixbitRuntime:
         self._predictor: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.calibration = None
         self.dmpq_budget = options.dmpq_budget
+        self._logged_generation = -1
         self._generation_start: float | None = None  # first timestep of this generation
         self._previous_generation: tuple[float | None, int] | None = None  # (first timestep, steps)
         self._skip_plan: frozenset[int] = frozenset()
@@ -259,6 +260,8 @@ class SixbitRuntime:
         last_step = self.tracker.step
         new_gen = self.tracker.advance(t, cond_key)
         if new_gen:
+            if self.records:
+                self._log_generation_summary(self.records[-1].generation)  # before its cache is dropped
             self._deltas.clear()  # cached residuals never cross generations
             self._skipped_at_last_call.clear()
             self._gamma.clear()
@@ -267,7 +270,6 @@ class SixbitRuntime:
                 self.policy.reset()
             if self.records:
                 self._previous_generation = (self._generation_start, last_step + 1)
-                self._log_generation_summary(self.records[-1].generation)
                 oldest_kept = self.tracker.generation - self.HISTORY_GENERATIONS + 1
                 if self.records[0].generation < oldest_kept:
                     self.records = [r for r in self.records if r.generation >= oldest_kept]
@@ -475,6 +477,8 @@ class SixbitRuntime:
     def reset(self) -> None:
         """Forget all per-generation state: the next call starts a new generation."""
         with self._lock:
+            if self.records and not self.tracker._pending_new_generation:
+                self._log_generation_summary(self.records[-1].generation)
             self.tracker.reset()
             self._deltas.clear()
             self._pending_stats, self._pending_outlier_counts, self._flat_stats = {}, {}, None
@@ -485,11 +489,30 @@ class SixbitRuntime:
                 self.policy.reset()
 
     def _log_generation_summary(self, generation: int) -> None:
-        s = summarize([r for r in self.records if r.generation == generation], self)
+        """One log line per finished generation (and, with a dump dir, its blocks x calls heatmap).
+        A generation is known to be finished when the next one starts, or at reset()."""
+        records = [r for r in self.records if r.generation == generation]
+        if not records or generation == self._logged_generation:
+            return
+        self._logged_generation = generation
+        s = summarize(records, self)
         log.info(
-            "sixbit: generation %d of %s: %d calls, %d steps, precision %s, avg activation bits %.2f, syncs/call %.2f",
-            generation, self.name, s["calls"], s["steps"], s["precision_counts"], s["avg_activation_bits"], s["syncs_per_call"],
+            "sixbit: generation %d of %s: %d calls, %d steps, skip rate %.2f, precision %s, avg activation bits %.2f "
+            "(computed layers), cache %.1f MB, syncs/call %.2f",
+            generation, self.name, s["calls"], s["steps"], s["skip_rate"], s["precision_counts"], s["avg_activation_bits"],
+            self.cache_bytes() / 2**20, s["syncs_per_call"],
         )
+        if self.options.dump_dir and self.block_names:
+            import os
+
+            from .heatmap import write_heatmap
+
+            try:
+                os.makedirs(self.options.dump_dir, exist_ok=True)
+                write_heatmap(os.path.join(self.options.dump_dir, f"heatmap_generation{generation:03d}.png"),
+                              records, self.block_names, self.slot_blocks)
+            except Exception as exc:  # a picture must never break a generation
+                log.warning("sixbit: could not write the heatmap: %s", exc)
 
 
 class InputResolver:

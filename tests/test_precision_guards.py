@@ -271,3 +271,25 @@ def test_cli_help():
     bad = subprocess.run([sys.executable, "-m", "sixbit_compiler.cli", "calibrate", "--factory", "nocolon"],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "--factory" in bad.stderr
+
+
+def test_one_summary_line_per_generation_and_a_heatmap_in_the_dump(tmp_path, caplog):
+    import logging
+
+    compiled = torch.compile(tiny_wan(num_layers=3), backend="sixbit",
+                             options={"dump_dir": str(tmp_path), "block_cache": True, "cache_policy": "none"})
+    with caplog.at_level(logging.INFO, logger="sixbit"):
+        run_steps(compiled, 1)
+        sixbit_compiler.set_skip_schedule(compiled, lambda step, branch: {1} if step >= 1 else ())
+        run_steps(compiled, 3, branches=2, start=1000)  # timestep back up: generation 0 ends here
+        sixbit_compiler.reset(compiled)  # generation 1 ends here
+        sixbit_compiler.reset(compiled)  # nothing new to report
+    lines = [r.getMessage() for r in caplog.records if "sixbit: generation" in r.getMessage()]
+    assert len(lines) == 2 and "generation 0" in lines[0] and "generation 1" in lines[1]
+    assert "skip rate 0.22" in lines[1] and "cache" in lines[1]  # 2 of 9 block-calls skipped
+    from PIL import Image
+
+    img = Image.open(tmp_path / "heatmap_generation001.png").convert("RGB")
+    assert img.size[0] >= 6 * 8
+    assert img.getpixel((2 * 8 + 4, 16 + 1 * 8 + 4)) == (0, 0, 0)  # call 2 (step 1), block 1: skipped
+    assert img.getpixel((0 * 8 + 4, 16 + 1 * 8 + 4)) != (0, 0, 0)
