@@ -190,5 +190,5 @@ def scatter_png(samples: Samples, cal: Calibration, path: str, size: int = 200) 
         if f is not None and f.n > 1:
             draw.line([xy(x0, f.predict(x0)), xy(x1, f.predict(x1))], fill="red", width=1)
         draw.text((ox + 4, oy + 4), f"{name}  r={f.r:.2f}" if f else name, fill="black")
-        draw.text((ox + pad, oy + size - pad + 4), f"Γ {x0:.3g}..{x1:.3g}  E {y0:.3g}..{y1:.3g}", fill="gray")
+        draw.text((ox + pad, oy + size - pad + 4), f"G {x0:.3g}..{x1:.3g}  E {y0:.3g}..{y1:.3g}", fill="gray")
     img.save(path)
