@@ -11,11 +11,12 @@ Each quantized linear already reads its precision from ``precision_slots[slot]``
 adds what the runtime needs to set those slots at the next call:
 
 * **without block regions** (no block cache): per block whose output pairs with a residual
-  input, Γ = ‖Y − X‖₁ / ‖X‖₁ on its first residual stream (``torch.sub``, two
-  ``torch.abs``, two fp32 ``torch.sum``, one ``torch.div``, right after the block), all
-  stacked (one ``torch.stack``) into one fp32 vector appended to the graph's outputs.
-  ``ctx.stats_blocks`` lists the block index of each entry; the runtime strips the extra
-  output before Dynamo sees it.
+  input, one ``sixbit.residual_abs_sums(Y, X)`` = [‖Y − X‖₁, ‖X‖₁] on its first residual
+  stream, right after the block (an opaque op, so Inductor keeps it there and the block's
+  input dies early; one fused read of X and Y on CUDA), all stacked (one ``torch.stack``)
+  into an fp32 [blocks, 2] tensor appended to the graph's outputs. Γ is the ratio, taken on
+  the host. ``ctx.stats_blocks`` lists the block index of each row; the runtime strips the
+  extra output before Dynamo sees it.
 * **with block regions**: the runner already measures Γ and the residual change when a
   block computes. Inside each region body, per distinct quantized-linear input x, the
   outlier ratio max|x| / mean|x| (``torch.abs``, ``torch.amax``, fp32 ``torch.mean``,
@@ -33,7 +34,7 @@ import torch
 import torch.fx as fx
 
 from sixbit_compiler.context import CompileContext
-from sixbit_compiler.ops import QUANTIZED_LINEAR
+from sixbit_compiler.ops import QUANTIZED_LINEAR, RESIDUAL_ABS_SUMS
 from sixbit_compiler.residuals import block_io, block_members, pair_residuals
 
 
@@ -55,18 +56,8 @@ def _block_gammas(gm: fx.GraphModule, ctx: CompileContext) -> None:
         if not io.streams:
             continue
         y, x = io.outputs[0], io.inputs[io.streams[0]]
-        cursor = y
-
-        def add(fn, args, kwargs=None):
-            nonlocal cursor
-            with graph.inserting_after(cursor):
-                cursor = graph.call_function(fn, args, kwargs or {})
-            return cursor
-
-        d = add(torch.sub, (y, x))
-        num = add(torch.sum, (add(torch.abs, (d,)),), {"dtype": torch.float32})
-        den = add(torch.sum, (add(torch.abs, (x,)),), {"dtype": torch.float32})
-        gammas.append(add(torch.div, (num, den)))
+        with graph.inserting_after(y):
+            gammas.append(graph.call_function(RESIDUAL_ABS_SUMS, (y, x)))
         blocks.append(index[io.name])
     if not gammas:
         ctx.notes.append("precision_guards: no block with a residual stream; DMPQ runs every layer INT8")

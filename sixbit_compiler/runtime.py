@@ -392,8 +392,18 @@ class SixbitRuntime:
                     ratios[slots] = torch.tensor(values)
 
     # ---- called by BlockRunner during the call (no syncs) ---------------------------
-    def block_should_skip(self, index: int, shapes) -> list[torch.Tensor] | None:
-        """The cached residuals to reuse if block ``index`` is skipped in this call, else None.
+    def _cache_kernels(self, x: torch.Tensor) -> bool:
+        """Whether the fused cache kernels (kernels/cache.py) serve this stream: CUDA, INT8
+        storage, a float activation with a row that fits one program."""
+        if not (x.is_cuda and self.options.cache_dtype == "int8" and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+                and 0 < x.shape[-1] <= 16384):
+            return False
+        from .ops import use_kernels
+
+        return use_kernels()
+
+    def skip_outputs(self, index: int, inputs: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """X + Δ_cached for each residual stream if block ``index`` is skipped in this call, else None.
 
         A residual cached at another shape (a new resolution within what looked like one
         generation) is never added: the block computes and refreshes it.
@@ -401,7 +411,7 @@ class SixbitRuntime:
         if index not in self._skip_plan:
             return None
         stored = self._deltas.get((self.tracker.branch, index))
-        if stored is None or any(d.shape != s for d, s in zip(stored, shapes)):
+        if stored is None or any(d.shape != x.shape for d, x in zip(stored, inputs)):
             return None
         if self.records:
             self.records[-1].skipped.append(index)
@@ -411,33 +421,58 @@ class SixbitRuntime:
         gamma = self._gamma.get(self.tracker.branch)
         if gamma is not None and index < gamma.numel():
             gamma[index] = math.nan  # skipped at this call: no Γ for the next one (DMPQ: INT8)
-        return [d.load() for d in stored]
+        outs = []
+        for x, d in zip(inputs, stored):
+            if d.scale is not None and d.data.dtype == torch.int8 and self._cache_kernels(x):
+                from .kernels.cache import apply_delta
 
-    def block_computed(self, index: int, inputs: list[torch.Tensor], deltas: list[torch.Tensor],
+                outs.append(apply_delta(x, d.data, d.scale))
+            else:
+                outs.append(x + d.load())
+        return outs
+
+    def block_computed(self, index: int, inputs: list[torch.Tensor], outputs: list[torch.Tensor],
                        outliers: torch.Tensor | None = None) -> None:
-        """Refresh the cached residual of a computed block and queue its statistics.
+        """Refresh the cached residual Δ = Y − X of a computed block and queue its statistics.
 
         On the first residual stream: Γ = ‖Δ‖₁ / ‖X‖₁ (the block's input-output difference)
         and the residual change ‖Δ_t − Δ_prev‖₁ / ‖Δ_prev‖₁ against the residual cached
         for this branch (NaN when there is none). Both stay on the device until the next
-        call's single transfer.
+        call's single transfer. On CUDA with INT8 storage one fused kernel per stream
+        computes Δ, its INT8 codes and the sums (kernels/cache.py); elsewhere, torch ops with
+        the same numerics.
         """
         key = (self.tracker.branch, index)
-        x, d = inputs[0].float(), deltas[0].float()
-        gamma = d.abs().sum() / x.abs().sum()
         prev = self._deltas.get(key)
-        if prev is not None and prev[0].shape == deltas[0].shape:
-            p = prev[0].load().float()
-            change = (d - p).abs().sum() / p.abs().sum()
-        else:
-            change = torch.full((), float("nan"), device=d.device)
+        stored, gamma, change = [], None, None
+        for k, (x, y) in enumerate(zip(inputs, outputs)):
+            p = prev[k] if prev is not None and k < len(prev) and prev[k].shape == x.shape else None
+            if self._cache_kernels(x) and (p is None or p.data.dtype == torch.int8):
+                from .kernels.cache import delta_refresh
+
+                codes, scales, sums = delta_refresh(x, y, (p.data, p.scale) if p is not None else None)
+                stored.append(StoredDelta(codes, scales, x.dtype))
+                if k == 0:
+                    gamma = sums[0] / sums[1]
+                    change = sums[2] / sums[3] if p is not None else None
+                continue
+            d = y - x
+            if k == 0:
+                df = d.float()
+                gamma = df.abs().sum() / x.float().abs().sum()
+                if p is not None:
+                    pf = p.load().float()
+                    change = (df - pf).abs().sum() / pf.abs().sum()
+            stored.append(StoredDelta.store(d, self.options.cache_dtype))
+        if change is None:
+            change = torch.full((), float("nan"), device=gamma.device)
         vector = torch.stack([gamma, change])
         if outliers is not None:  # PDR's outlier ratios of the block's layers (precision_guards)
             vector = torch.cat([vector, outliers.reshape(-1).float().to(vector.device)])
             self._pending_outlier_counts[index] = outliers.numel()
         self._pending_stats[index] = vector
         self._skipped_at_last_call.discard(key)
-        self._deltas[key] = [StoredDelta.store(x, self.options.cache_dtype) for x in deltas]
+        self._deltas[key] = stored
 
     def flush_block_stats(self) -> None:
         """Read the last call's pending block statistics now (one sync; for stats())."""
@@ -457,10 +492,10 @@ class SixbitRuntime:
         record = self.records[-1] if self.records else None
         stats: dict[int, tuple[float, float]] = {}
         outliers: dict[int, list[float]] = {}
-        if self._flat_stats is not None:
+        if self._flat_stats is not None:  # [Σ|Δ|, Σ|X|] per block: Γ is their ratio
             blocks = self._flat_stats[1]
-            stats.update({b: (values[k], math.nan) for k, b in enumerate(blocks)})
-            values = values[len(blocks):]
+            stats.update({b: (_ratio(values[2 * k], values[2 * k + 1]), math.nan) for k, b in enumerate(blocks)})
+            values = values[2 * len(blocks):]
         for index, _ in sorted(self._pending_stats.items()):
             n = self._pending_outlier_counts.get(index, 0)
             stats[index] = (values[0], values[1])
@@ -513,6 +548,10 @@ class SixbitRuntime:
                               records, self.block_names, self.slot_blocks)
             except Exception as exc:  # a picture must never break a generation
                 log.warning("sixbit: could not write the heatmap: %s", exc)
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b != 0 else (math.nan if a == 0 or math.isnan(a) else math.inf)
 
 
 class InputResolver:
