@@ -1,0 +1,70 @@
+"""Presets and forced schedules on the reference model: fidelity, skip rate, precision mix, adherence.
+
+Random-weight models say nothing about realistic skip rates or what a skipped block does to a
+video; the reference model (docs/reference_model.md) does. For each mode, the same prompts and
+seeds are sampled (UniPC, CFG, all prompts batched) and compared with the unquantized model:
+PSNR / SSIM / relative L2 of the frames, adherence of each video, and sixbit's stats.
+
+    python benchmarks/ref_presets.py --model DIR [--prompts 4] [--steps 20] [--modes ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="a refmodel.train output directory")
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--modes", default="int8,nvfp4,dynamic,quality,balanced,fast")
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    args = ap.parse_args(argv)
+
+    import sixbit_compiler
+    from sixbit_compiler.quality import fidelity
+    from sixbit_compiler.refmodel.evaluate import eval_specs, score
+    from sixbit_compiler.refmodel.model import load, sample_batch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    specs = eval_specs(args.prompts)
+    seeds = list(range(args.prompts))
+    model, encoder = load(args.model, device, dtype)
+    t0 = time.perf_counter()
+    reference = sample_batch(model, encoder, specs, args.steps, 4.0, seeds, device, dtype)
+    report = {"model": args.model, "prompts": args.prompts, "steps": args.steps, "device": device,
+              "modes": {"unquantized": {"seconds": time.perf_counter() - t0, **_task(score(reference, specs))}}}
+    os.makedirs(args.out, exist_ok=True)
+    for mode in args.modes.split(","):
+        torch._dynamo.reset()
+        model, encoder = load(args.model, device, dtype)
+        options = {"preset": mode} if mode in ("quality", "balanced", "fast") else {"activation": mode}
+        options["lowering"] = "eager"  # quality and decisions do not depend on the lowering
+        compiled = torch.compile(model, backend="sixbit", options=options)
+        t0 = time.perf_counter()
+        videos = sample_batch(compiled, encoder, specs, args.steps, 4.0, seeds, device, dtype)
+        s = sixbit_compiler.stats(compiled)["last_generation"]
+        report["modes"][mode] = {
+            "options": options, "seconds": time.perf_counter() - t0, "fidelity": fidelity(videos, reference),
+            "skip_rate": s["skip_rate"], "avg_activation_bits": s["avg_activation_bits"],
+            "precision_counts": s["precision_counts"], **_task(score(videos, specs)),
+        }
+        print(mode, json.dumps(report["modes"][mode]), flush=True)
+        with open(os.path.join(args.out, "ref_presets.json"), "w") as f:
+            json.dump(report, f, indent=1)
+    return report
+
+
+def _task(scores: dict) -> dict:
+    return {k: scores[k] for k in ("adherence", "present", "shape", "direction", "mean_area_cv")}
+
+
+if __name__ == "__main__":
+    main()
