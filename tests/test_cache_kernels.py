@@ -5,7 +5,16 @@ import torch
 
 import sixbit_compiler.ops  # noqa: F401  (registers the sixbit ops)
 from sixbit_compiler.formats import dequantize_int8, quantize_int8
-from sixbit_compiler.kernels.cache import apply_delta, delta_refresh, residual_abs_sums
+import triton
+import triton.language as tl
+
+from sixbit_compiler.kernels.cache import _to_act, apply_delta, delta_refresh, residual_abs_sums
+
+
+@triton.jit
+def _round_kernel(v_ptr, ref_ptr, out_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(out_ptr + i, _to_act(tl.load(v_ptr + i), tl.load(ref_ptr + i)))
 
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # compiled on a GPU, interpreted on CPU
@@ -65,3 +74,15 @@ def test_residual_abs_sums_and_its_op():
     torch.testing.assert_close(residual_abs_sums(y, x), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.ops.sixbit.residual_abs_sums(y, x), expected, rtol=1e-5, atol=1e-5)
     torch.library.opcheck(torch.ops.sixbit.residual_abs_sums.default, (y, x))
+
+
+def test_bf16_rounding_keeps_every_nan_a_nan():
+    """The GPU's canonical NaN is 0x7FFFFFFF: rounding its bits to bf16 must not carry into the sign."""
+    k = _round_kernel
+    bits = torch.tensor([0x7FFFFFFF, -1, 0x7FC00000, 0x3F808000, 0x3F818000, 0x7F7FFFFF, 0x00000001, 0], dtype=torch.int32)
+    v = bits.view(torch.float32).to(DEV)
+    out = torch.empty_like(v)
+    k[(1,)](v, torch.zeros(8, dtype=torch.bfloat16, device=DEV), out, N=8)
+    expected = v.cpu().to(torch.bfloat16).float()
+    assert torch.isnan(out[:3]).all()
+    torch.testing.assert_close(out.cpu()[3:], expected[3:], rtol=0, atol=0)

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import NO_FMA, int8_rows, next_pow2
+from ._common import NO_FMA, int8_rows, is_nan, next_pow2
 
 
 @triton.jit
@@ -31,8 +31,10 @@ def _to_act(v, ref):
     the bits (nearest, ties to even): the interpreter's bf16 cast truncates."""
     if ref.dtype == tl.bfloat16:
         bits = v.to(tl.int32, bitcast=True)
-        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & -65536
-        return bits.to(tl.float32, bitcast=True)
+        rounded = ((bits + (((bits >> 16) & 1) + 0x7FFF)) & -65536).to(tl.float32, bitcast=True)
+        # NaN passes unrounded: the GPU's canonical NaN (0x7FFFFFFF) would carry into the sign
+        # bit and come out as -0 (seen on the H200)
+        return tl.where(is_nan(v), v, rounded)
     else:
         return v.to(ref.dtype).to(tl.float32)
 
