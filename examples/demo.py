@@ -79,7 +79,10 @@ def _sync(device):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--activation", default="int8", choices=["int8", "nvfp4", "bf16"])
+    ap.add_argument("--activation", default="dynamic", choices=["dynamic", "int8", "nvfp4", "fp8", "bf16"],
+                    help="dynamic: DMPQ, NVFP4 or INT8 per layer and step from the calibrated predictor")
+    ap.add_argument("--preset", default=None, choices=["quality", "balanced", "fast"],
+                    help="the method's knobs at once (overrides --activation and --block-cache)")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--frames", type=int, default=5, help="latent frames")
@@ -87,7 +90,7 @@ def main(argv=None):
     ap.add_argument("--dump-dir", default="sixbit_dump")
     ap.add_argument("--hadamard", action="store_true")
     ap.add_argument("--block-cache", action="store_true",
-                    help="experimental: skip stable blocks by reusing cached residuals (TDC policy); "
+                    help="skip stable blocks by reusing cached residuals (TDC policy); "
                          "random weights rarely have stable residuals, so expect few skips here")
     ap.add_argument("--cache-threshold", type=float, default=None, help="TDC residual-change threshold")
     ap.add_argument("--seed", type=int, default=0)
@@ -110,6 +113,8 @@ def main(argv=None):
         # The first call compiles; it is timed on its own and kept out of the sampling loop.
         options = {"activation": args.activation, "dump_dir": args.dump_dir, "hadamard": args.hadamard,
                    "block_cache": args.block_cache}
+        if args.preset:
+            options = {"preset": args.preset, "dump_dir": args.dump_dir, "hadamard": args.hadamard}
         if args.cache_threshold is not None:
             options["cache_threshold"] = args.cache_threshold
         compiled = torch.compile(model, backend="sixbit", options=options)

@@ -22,8 +22,8 @@ CACHE_DTYPES = ("activation", "int8", "fp8")
 #: docs/options.md gives the fidelity and skip rate each reached, and on which model.
 PRESETS: dict[str, dict[str, Any]] = {
     "quality": {"activation": "dynamic", "dmpq_budget": 0.05, "block_cache": False},
-    "balanced": {"activation": "dynamic", "dmpq_budget": 0.07, "block_cache": True, "cache_threshold": 0.05,
-                 "cache_tau": 0.1, "cache_max_skips": 1, "cache_first_steps": 2, "cache_last_steps": 1},
+    "balanced": {"activation": "dynamic", "dmpq_budget": 0.07, "block_cache": True, "cache_threshold": 0.1,
+                 "cache_tau": 0.15, "cache_max_skips": 1, "cache_first_steps": 2, "cache_last_steps": 1},
     "fast": {"activation": "dynamic", "dmpq_budget": 0.1, "block_cache": True, "cache_threshold": 0.15,
              "cache_tau": 0.3, "cache_max_skips": 2, "cache_first_steps": 1, "cache_last_steps": 1},
 }
