@@ -56,7 +56,11 @@ def collect(model: torch.nn.Module, run: Callable[[torch.nn.Module, Any], None],
     ``model`` and gather the (Γ_{t−1}, E_rel) samples. ``model`` itself is left untouched."""
     from . import ops
     from .runtime import runtime_of
+    from .weight_store import STORE
 
+    if any(STORE.is_released(p) for p in model.parameters()):
+        raise ValueError("sixbit calibrate: this model's weights were released by an earlier compile; "
+                         "calibrate a freshly loaded model (calibration compiles a copy of it)")
     work = copy.deepcopy(model)
     # "dynamic" so that precision_guards measures Γ; the trajectory is then pinned to INT8
     # (set_activation below; the first call has no Γ and runs INT8 anyway).

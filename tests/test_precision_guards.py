@@ -295,3 +295,14 @@ def test_one_summary_line_per_generation_and_a_heatmap_in_the_dump(tmp_path, cap
     assert img.size[0] >= 6 * 8
     assert img.getpixel((2 * 8 + 4, 16 + 1 * 8 + 4)) == (0, 0, 0)  # call 2 (step 1), block 1: skipped
     assert img.getpixel((0 * 8 + 4, 16 + 1 * 8 + 4)) != (0, 0, 0)
+
+
+def test_calibrating_a_model_whose_weights_were_released_fails_clearly():
+    from sixbit_compiler.calibrate import calibrate
+
+    model = tiny_wan()
+    compiled = torch.compile(model, backend="sixbit")
+    with torch.no_grad():
+        compiled(**wan_inputs())
+    with pytest.raises(ValueError, match="released"):
+        calibrate(model, lambda m, item: None, [0])
