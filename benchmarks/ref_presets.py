@@ -5,7 +5,7 @@ video; the reference model (docs/reference_model.md) does. For each mode, the sa
 seeds are sampled (UniPC, CFG, all prompts batched) and compared with the unquantized model:
 PSNR / SSIM / relative L2 of the frames, adherence of each video, and sixbit's stats.
 
-    python benchmarks/ref_presets.py --model DIR [--prompts 4] [--steps 20] [--modes ...]
+    python benchmarks/ref_presets.py --model DIR [--prompts 4] [--steps 20] [--modes int8,fast+cache_dtype=fp8,...]
 """
 
 from __future__ import annotations
@@ -45,7 +45,11 @@ def main(argv=None):
     for mode in args.modes.split(","):
         torch._dynamo.reset()
         model, encoder = load(args.model, device, dtype)
-        options = {"preset": mode} if mode in ("quality", "balanced", "fast") else {"activation": mode}
+        name, *overrides = mode.split("+")  # e.g. "fast+cache_dtype=fp8"
+        options = {"preset": name} if name in ("quality", "balanced", "fast") else {"activation": name}
+        for item in overrides:
+            key, _, value = item.partition("=")
+            options[key] = float(value) if value.replace(".", "", 1).isdigit() else value
         options["lowering"] = "eager"  # quality and decisions do not depend on the lowering
         compiled = torch.compile(model, backend="sixbit", options=options)
         t0 = time.perf_counter()
