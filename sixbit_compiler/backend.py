@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+import weakref
 
 import torch
 import torch.fx as fx
@@ -70,7 +71,35 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def sixbit_backend(gm: fx.GraphModule, example_inputs, options=None, **kwargs):
-    """Dynamo backend entry point (see the module docstring)."""
+    """Dynamo backend entry point (see the module docstring).
+
+    Dynamo reuses a compiled graph for every instance of a module class (parameters are graph
+    inputs, not guarded by identity): two models of one class, say Wan2.2's two experts, would
+    share it. So the returned callable dispatches on the model, recognised by its first
+    Parameter: a model it has not seen gets its own compile (its own quantized weights, runtime
+    and lowered graph) on its first call, from the same Dynamo graph.
+    """
+    compiled = _compile_for_model(gm, example_inputs, options, kwargs)
+    key = next((i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)), None)
+    if key is None:
+        return compiled
+    per_model = {id(example_inputs[key]): (weakref.ref(example_inputs[key]), compiled)}
+
+    def sixbit_dispatch(*args):
+        p = args[key]
+        entry = per_model.get(id(p))
+        if entry is None or entry[0]() is not p:
+            log.info("sixbit: a graph compiled for one model is called with another instance of its class; "
+                     "compiling it for that model")
+            entry = (weakref.ref(p), _compile_for_model(gm, list(args), options, kwargs))
+            per_model[id(p)] = entry
+        return entry[1](*args)
+
+    sixbit_dispatch._sixbit_runtime = getattr(compiled, "_sixbit_runtime", None)  # type: ignore[attr-defined]
+    return sixbit_dispatch
+
+
+def _compile_for_model(gm: fx.GraphModule, example_inputs, options, kwargs):
     dynamo_gm, gm = gm, copy_graph_module(gm)
     if kwargs.get("mode") not in (None, "default"):
         log.warning("sixbit: torch.compile(mode=%r) is ignored by the sixbit backend", kwargs["mode"])

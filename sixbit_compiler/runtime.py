@@ -186,7 +186,10 @@ class SixbitRuntime:
         self.dmpq_budget = options.dmpq_budget
         self._logged_generation = -1
         self._generation_start: float | None = None  # first timestep of this generation
-        self._previous_generation: tuple[float | None, int] | None = None  # (first timestep, steps)
+        self._generation_second: float | None = None  # its second step's timestep
+        # (first, second timestep) -> steps, learned from generations that ran to the end (a
+        # schedule's first two timesteps identify it; an interrupted generation teaches nothing)
+        self._schedules: dict[tuple[float, float], int] = {}
         self._skip_plan: frozenset[int] = frozenset()
         self._lock = threading.Lock()
 
@@ -257,7 +260,7 @@ class SixbitRuntime:
                 t, values = values[0], values[1:]
             self._take_pending(values)
         cond_key = cond.data_ptr() if isinstance(cond, torch.Tensor) else None
-        last_step = self.tracker.step
+        last_step, last_t = self.tracker.step, self.tracker.last_t
         new_gen = self.tracker.advance(t, cond_key)
         if new_gen:
             if self.records:
@@ -269,11 +272,13 @@ class SixbitRuntime:
             if self.policy:
                 self.policy.reset()
             if self.records:
-                self._previous_generation = (self._generation_start, last_step + 1)
+                self._learn_schedule(last_step + 1, last_t)
                 oldest_kept = self.tracker.generation - self.HISTORY_GENERATIONS + 1
                 if self.records[0].generation < oldest_kept:
                     self.records = [r for r in self.records if r.generation >= oldest_kept]
-            self._generation_start = t
+            self._generation_start, self._generation_second = t, None
+        elif self.tracker.step == 1 and self._generation_second is None:
+            self._generation_second = t
         self.decide()
         batch = int(hidden.shape[0]) if isinstance(hidden, torch.Tensor) and hidden.dim() > 0 else None
         self.records.append(
@@ -364,12 +369,22 @@ class SixbitRuntime:
             in_block = torch.tensor([block in refreshing for block in self.slot_blocks], dtype=torch.bool)
             self.precision_slots[in_block & (self.precision_slots == int(Precision.NVFP4))] = int(Precision.INT8)
 
+    #: A generation counts as finished (and teaches its step count) when its last timestep is
+    #: at most this fraction of its first: samplers end near t = 0.
+    FINISHED_FRACTION = 0.05
+
+    def _learn_schedule(self, steps: int, last_t: float | None) -> None:
+        t0, t1 = self._generation_start, self._generation_second
+        if t0 is None or t1 is None or last_t is None or t0 <= 0 or last_t > self.FINISHED_FRACTION * t0:
+            return  # no timesteps, a single step, or interrupted: nothing to learn
+        self._schedules[(t0, t1)] = steps
+
     def expected_steps(self) -> int | None:
-        """Steps in this generation, if the previous one started at the same timestep."""
-        prev = self._previous_generation
-        if prev is not None and prev[0] is not None and prev[0] == self._generation_start:
-            return prev[1]
-        return None
+        """Steps in this generation, if an earlier finished generation ran the same schedule
+        (same first two timesteps); None until this generation's second step."""
+        if self._generation_start is None or self._generation_second is None:
+            return None
+        return self._schedules.get((self._generation_start, self._generation_second))
 
     def _take_block_stats(self, record: CallRecord, stats: dict[int, tuple[float, float]],
                           outliers: dict[int, list[float]]) -> None:

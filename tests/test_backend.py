@@ -273,3 +273,22 @@ def test_hunyuan_video_compiles_to_one_graph_and_quantizes_both_block_kinds():
     s = sixbit_compiler.stats(model)
     assert s["summary"]["blocks"] == 4 and s["summary"]["quantized_layers"] == 34
     assert any(layer.startswith("single_transformer_blocks.") for layer in s["layers"])
+
+
+@pytest.mark.parametrize("options", [{}, {"block_cache": True}], ids=["flat", "block_cache"])
+def test_two_models_of_one_class_each_get_their_own_compile(options):
+    """Dynamo reuses one graph for every instance of a class (Wan2.2's two experts, say): each
+    model must still run its own weights, with its own runtime and state."""
+    from sixbit_compiler.runtime import runtime_of
+
+    models = [tiny_wan(seed=0), tiny_wan(seed=1)]
+    with torch.no_grad():
+        refs = [m(**wan_inputs())[0] for m in models]
+    compiled = [torch.compile(m, backend="sixbit", options=dict(options, activation="int8")) for m in models]
+    with torch.no_grad():
+        for _ in range(2):
+            outs = [c(**wan_inputs())[0] for c in compiled]
+    for out, ref, other in zip(outs, refs, reversed(refs)):
+        assert rel_err(out, ref) < E2E_BOUNDS["int8"] < rel_err(out, other)
+    a, b = (runtime_of(c) for c in compiled)
+    assert a is not b and len(a.records) == 2 and len(b.records) == 2

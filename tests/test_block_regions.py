@@ -236,7 +236,7 @@ def test_tdc_policy_in_the_loop_respects_max_skips_and_last_steps():
         model, backend="sixbit",
         options={"block_cache": True, "cache_threshold": float("inf"), "cache_tau": float("inf")},
     )
-    steps = (900, 800, 700, 600, 500, 400, 300)
+    steps = (900, 750, 600, 450, 300, 150, 30)  # ends near t = 0: a finished generation
     with torch.no_grad():
         for generation in range(2):
             for t in steps:
@@ -245,7 +245,8 @@ def test_tdc_policy_in_the_loop_respects_max_skips_and_last_steps():
     skipped = [c["skipped_blocks"] for c in calls]
     both = [0, 1]
     # Step 0 computes; step 1 computes too (no residual change measured yet); then at most
-    # 2 skips in a row. The second generation knows it has 7 steps: its last step computes.
+    # 2 skips in a row. The second generation (same schedule) knows it has 7 steps: its last
+    # step computes.
     assert skipped[:7] == [[], [], both, both, [], both, both]
     assert skipped[7:] == [[], [], both, both, [], both, []]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
@@ -278,3 +279,31 @@ def test_first_compute_after_a_skip_runs_int8_when_activations_are_nvfp4():
     assert precisions[1] == {"nvfp4"} and precisions[4] == {"int8"}  # step 4 refreshes both blocks
     last = sixbit_compiler.stats(model)["last_generation"]["precision_counts"]
     assert last == {"bf16": 0, "int8": 20, "nvfp4": 40, "fp8": 0}  # 3 computed calls x 20 layers; skipped ones not counted
+
+
+def test_an_interrupted_generation_leaves_the_next_one_fresh():
+    """The whole method on (preset "fast"): generation A stops halfway, then B runs the same
+    schedule to the end; B's decisions and outputs equal those of a model that only ran B."""
+    steps = (900, 750, 600, 450, 300, 150, 30)
+    inp = wan_inputs()
+    cond = inp["encoder_hidden_states"]
+
+    def run(compiled, timesteps):
+        outs = []
+        with torch.no_grad():
+            for t in timesteps:
+                outs.append(compiled(**{**inp, "timestep": torch.tensor([t]), "encoder_hidden_states": cond})[0])
+        return outs
+
+    options = {"preset": "fast", "cache_threshold": float("inf"), "cache_tau": float("inf")}
+    interrupted = torch.compile(tiny_wan(num_layers=2), backend="sixbit", options=options)
+    run(interrupted, steps[:3])
+    after = run(interrupted, steps)
+    fresh = torch.compile(tiny_wan(num_layers=2), backend="sixbit", options=dict(options))
+    alone = run(fresh, steps)
+    a, b = sixbit_compiler.stats(interrupted)["calls"][3:], sixbit_compiler.stats(fresh)["calls"]
+    assert [c["skipped_blocks"] for c in a] == [c["skipped_blocks"] for c in b]
+    assert [c["layers"] for c in a] == [c["layers"] for c in b]
+    assert any(c["skipped_blocks"] for c in b) and b[-1]["skipped_blocks"]  # fresh: no step count known
+    for x, y in zip(after, alone):
+        assert torch.equal(x, y)
