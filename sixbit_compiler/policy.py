@@ -11,9 +11,10 @@ Per CFG branch and block, from the statistics the block left when it last comput
 * (c) fewer than ``max_skips`` consecutive skips.
 
 The first ``first_steps`` and last ``last_steps`` steps of a generation always compute
-(the last ones only once the number of steps is known, from the previous generation with
-the same first timestep). A compute resets E_acc and the skip counter. Thresholds are ours
-and uncalibrated until the reference model lands (issue 4 calibrates and adds presets).
+(the last ones only once the number of steps is known, from an earlier finished generation
+with the same first two timesteps). A compute resets E_acc and the skip counter. Thresholds are ours
+and the presets (options.PRESETS) set them from residual changes measured on the reference
+model.
 """
 
 from __future__ import annotations
