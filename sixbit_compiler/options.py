@@ -133,6 +133,12 @@ class SixbitOptions:
                 raise bad("calibration", "must be a path to a calibration file or None")
             if not os.path.isfile(self.calibration):
                 raise bad("calibration", "no such file")
+            from .calibration import Calibration  # late import: light module, no torch needed
+
+            try:
+                Calibration.load(self.calibration)
+            except (OSError, ValueError) as exc:
+                raise bad("calibration", f"not a readable calibration file: {exc}") from None
         for key in ("hadamard", "free_weights", "block_cache"):
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "must be a bool")

@@ -78,3 +78,10 @@ def test_presets_set_the_method_and_explicit_options_win():
     mine = SixbitOptions.from_dict({"preset": "balanced", "cache_threshold": 0.5, "activation": "int8"})
     assert mine.cache_threshold == 0.5 and mine.activation == "int8" and mine.block_cache
     assert mine.cache_tau == PRESETS["balanced"]["cache_tau"]
+
+
+def test_a_bad_calibration_file_is_refused_at_compile_time(tmp_path):
+    bad = tmp_path / "cal.json"
+    bad.write_text("{}")
+    with pytest.raises(SixbitOptionError, match="'calibration'.*not a readable calibration file"):
+        SixbitOptions.from_dict({"calibration": str(bad)})
