@@ -86,7 +86,9 @@ def residual_abs_sums(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     freed right after the block. (As fused reductions, Inductor moved all blocks' Γ to the end
     of the graph, keeping every block's input alive: +2.3 GB peak on Wan2.1-1.3B at 480p.)
     """
-    if y.is_cuda and use_kernels() and y.dtype in (torch.bfloat16, torch.float16, torch.float32) and 0 < y.shape[-1] <= 16384:
+    from .kernels import cache_kernels_take
+
+    if cache_kernels_take(y) and use_kernels():
         from .kernels.cache import residual_abs_sums as kernel
 
         return kernel(y, x)

@@ -408,14 +408,11 @@ class SixbitRuntime:
 
     # ---- called by BlockRunner during the call (no syncs) ---------------------------
     def _cache_kernels(self, x: torch.Tensor) -> bool:
-        """Whether the fused cache kernels (kernels/cache.py) serve this stream: CUDA, INT8
-        storage, a float activation with a row that fits one program."""
-        if not (x.is_cuda and self.options.cache_dtype == "int8" and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
-                and 0 < x.shape[-1] <= 16384):
-            return False
+        """Whether the fused cache kernels (kernels/cache.py) serve this stream (INT8 storage)."""
+        from .kernels import cache_kernels_take
         from .ops import use_kernels
 
-        return use_kernels()
+        return self.options.cache_dtype == "int8" and cache_kernels_take(x) and use_kernels()
 
     def skip_outputs(self, index: int, inputs: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """X + Δ_cached for each residual stream if block ``index`` is skipped in this call, else None.

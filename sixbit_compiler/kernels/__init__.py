@@ -28,3 +28,11 @@ def triton_available() -> bool:
     except Exception:
         return False
     return True
+
+
+def cache_kernels_take(t) -> bool:
+    """Whether the block-cache kernels (``cache.py``) take this activation: CUDA, a float
+    dtype, and a row that fits one program. Shared by the Γ op and the runtime's cache."""
+    import torch
+
+    return t.is_cuda and t.dtype in (torch.bfloat16, torch.float16, torch.float32) and 0 < t.shape[-1] <= 16384
