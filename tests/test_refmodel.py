@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sixbit_compiler.refmodel import ObjectSpec, TextEncoder, VideoSpec, adherence, prompt_tokens, random_spec, render
+from sixbit_compiler.refmodel import ObjectSpec, TextEncoder, VideoSpec, adherence, prompt_words, random_spec, render
 
 
 def red_square_right(**kw):
@@ -58,14 +58,36 @@ def test_every_seeded_prompt_is_rendered_adherently():
 
 
 def test_text_encoder_is_deterministic_and_the_empty_prompt_is_zero():
-    enc = TextEncoder(dim=32, max_tokens=12)
+    enc = TextEncoder(dim=32, max_tokens=4)
     spec = random_spec(5)
     e = enc(spec)
-    assert e.shape == (12, 32) and torch.equal(e, TextEncoder(dim=32, max_tokens=12)(spec))
-    n = len(prompt_tokens(spec))
+    assert e.shape == (4, 32) and torch.equal(e, TextEncoder(dim=32, max_tokens=4)(spec))
+    n = len(prompt_words(spec))
+    assert n == len(spec.objects) + 1
     assert (e[n:] == 0).all() and (e[:n].abs().sum(-1) > 0).all()
     assert (enc(None) == 0).all()
-    other = TextEncoder(dim=32, max_tokens=12)
+    other = TextEncoder(dim=32, max_tokens=4)
     other.load_state_dict(enc.state_dict())
     assert torch.equal(other(spec), e)
-    assert not torch.equal(enc(red_square_right()), enc(VideoSpec((ObjectSpec("red", "square", "left", "fast", (0.7, 0.5)),))))
+
+
+def test_each_object_token_carries_its_own_motion():
+    enc = TextEncoder(dim=32)
+    a = VideoSpec((ObjectSpec("red", "square", "right", "fast", (0.3, 0.3)), ObjectSpec("blue", "circle", "up", "slow", (0.7, 0.7))))
+    swapped = VideoSpec((ObjectSpec("red", "square", "up", "fast", (0.3, 0.3)), ObjectSpec("blue", "circle", "right", "slow", (0.7, 0.7))))
+    ea, es = enc(a), enc(swapped)
+    # the same words, bound differently: a bag of words could not tell these prompts apart
+    assert not torch.allclose(ea[0], es[0]) and not torch.allclose(ea[1], es[1]) and torch.equal(ea[2], es[2])
+    with pytest.raises(ValueError, match="max_tokens"):
+        TextEncoder(dim=32, max_tokens=2)(a)
+
+
+def test_batched_rendering_matches_one_by_one_and_rejects_mixed_sizes():
+    from sixbit_compiler.refmodel.data import render_tensors, spec_tensors
+
+    specs = [random_spec(i) for i in range(6)]
+    batch = render_tensors(spec_tensors(specs), 64, 64)
+    for v, s in zip(batch, specs):
+        assert torch.equal(v, render(s))
+    with pytest.raises(ValueError, match="share"):
+        spec_tensors([random_spec(0), random_spec(1, frames=5)])

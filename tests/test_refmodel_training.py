@@ -1,5 +1,6 @@
 """The reference model's training and sampling run end to end (tiny config, CPU, a few steps)."""
 
+import json
 import math
 import os
 
@@ -64,15 +65,18 @@ def test_batched_sampling_matches_one_by_one(tmp_path):
     assert not torch.allclose(batch[0], batch[1])
 
 
-def test_second_stage_starts_from_the_first(tmp_path):
-    first, second = tmp_path / "a", tmp_path / "b"
-    train(["--tiny", "--steps", "2", "--batch", "2", "--out", str(first)])
-    train(["--init", str(first), "--steps", "2", "--batch", "2", "--out", str(second), "--lr", "0"])
-    import json
-
-    meta = json.loads((second / "config.json").read_text())
-    assert meta["total_steps"] == 4 and meta["earlier_stage"]["steps"] == 2
-    a, _ = load(str(first))
-    b, _ = load(str(second))
+def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    straight, paused = tmp_path / "a", tmp_path / "b"
+    common = ["--tiny", "--batch", "2", "--steps", "4", "--minutes", "0"]
+    full = train(common + ["--out", str(straight)])
+    # --stop-after 0 pauses after the first step; each resume runs one more step, then pauses again
+    train(common + ["--out", str(paused), "--stop-after", "0"])
+    assert (paused / "train_state.pt").exists() and not json.loads((paused / "config.json").read_text())["finished"]
+    train(["--resume", "--out", str(paused), "--stop-after", "0"])
+    resumed = train(["--resume", "--out", str(paused)])
+    assert resumed == full  # same data, noise, learning rates and optimizer state, step for step
+    a, _ = load(str(straight))
+    b, _ = load(str(paused))
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
-        torch.testing.assert_close(pa, pb, msg=name)  # lr 0: the weights carry over unchanged
+        assert torch.equal(pa, pb), name
+    assert json.loads((paused / "config.json").read_text())["finished"]

@@ -85,34 +85,69 @@ def _draw(rng: random.Random, frames: int, height: int, width: int, max_objects:
     return VideoSpec(tuple(objects), background, frames, height, width)
 
 
-def _mask(shape: str, cx: float, cy: float, size: float, yy: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
-    half = size / 2
-    if shape == "square":
-        return ((xx - cx).abs() <= half) & ((yy - cy).abs() <= half)
-    if shape == "circle":
-        return (xx - cx) ** 2 + (yy - cy) ** 2 <= half**2
-    if shape == "triangle":  # apex up, base at the bottom of the bounding box
-        top, bottom = cy - half, cy + half
-        frac = ((yy - top) / (bottom - top)).clamp(0, 1)
-        inside_y = (yy >= top) & (yy <= bottom)
-        return inside_y & ((xx - cx).abs() <= frac * half)
-    raise ValueError(f"unknown shape {shape!r}")
+SHAPE_IDS = {name: i for i, name in enumerate(SHAPES)}
+MAX_OBJECTS = 2
+
+
+def spec_tensors(specs: list[VideoSpec]) -> dict[str, torch.Tensor]:
+    """The drawing parameters of a batch of specs (all of one size), as CPU tensors that
+    :func:`render_tensors` draws on any device: per object slot, its centre in every frame,
+    half-size, shape id, colour and whether the slot is used; per video, the background."""
+    first = specs[0]
+    if any((s.frames, s.height, s.width) != (first.frames, first.height, first.width) for s in specs):
+        raise ValueError("a batch of specs must share frames, height and width")
+    b, t = len(specs), first.frames
+    cx, cy = torch.zeros(b, MAX_OBJECTS, t), torch.zeros(b, MAX_OBJECTS, t)
+    half, shape = torch.zeros(b, MAX_OBJECTS), torch.zeros(b, MAX_OBJECTS, dtype=torch.long)
+    color, used = torch.zeros(b, MAX_OBJECTS, 3), torch.zeros(b, MAX_OBJECTS, dtype=torch.bool)
+    background = torch.tensor([BACKGROUNDS[s.background] for s in specs])
+    for i, spec in enumerate(specs):
+        if len(spec.objects) > MAX_OBJECTS:
+            raise ValueError(f"at most {MAX_OBJECTS} objects a video, got {len(spec.objects)}")
+        for j, obj in enumerate(spec.objects):
+            path = [centre(obj, k / max(t - 1, 1)) for k in range(t)]
+            cx[i, j], cy[i, j] = torch.tensor([p[0] for p in path]), torch.tensor([p[1] for p in path])
+            half[i, j], shape[i, j], used[i, j] = obj.size / 2, SHAPE_IDS[obj.shape], True
+            color[i, j] = torch.tensor(COLORS[obj.color])
+    return {"cx": cx, "cy": cy, "half": half, "shape": shape, "color": color, "used": used, "background": background}
+
+
+def shape_mask(kind: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, half: torch.Tensor, height: int,
+               width: int) -> torch.Tensor:
+    """[B, T, H, W] masks of shapes ``kind`` [B] (``SHAPE_IDS``) of half-size ``half`` [B] centred at
+    ``cx``, ``cy`` [B, T] (fractions of the frame): the one definition of each shape, for rendering
+    and for the metrics' shape templates."""
+    dev = cx.device
+    yy = ((torch.arange(height, device=dev, dtype=torch.float32) + 0.5) / height).view(1, 1, height, 1)
+    xx = ((torch.arange(width, device=dev, dtype=torch.float32) + 0.5) / width).view(1, 1, 1, width)
+    b = cx.shape[0]
+    dx, dy = xx - cx[..., None, None], yy - cy[..., None, None]  # [B, T, 1, W], [B, T, H, 1]
+    half = half.view(b, 1, 1, 1)
+    square = (dx.abs() <= half) & (dy.abs() <= half)
+    circle = dx**2 + dy**2 <= half**2
+    # triangle: apex up, base at the bottom of the bounding box; its width grows linearly downwards
+    frac = ((dy + half) / (2 * half)).clamp(0, 1)
+    triangle = (dy.abs() <= half) & (dx.abs() <= frac * half)
+    kind = kind.view(b, 1, 1, 1)
+    return torch.where(kind == SHAPE_IDS["circle"], circle, torch.where(kind == SHAPE_IDS["square"], square, triangle))
+
+
+def render_tensors(params: dict[str, torch.Tensor], height: int, width: int) -> torch.Tensor:
+    """Videos [B, T, H, W, 3] in [0, 1] from :func:`spec_tensors`, on the device the tensors are on
+    (training renders its batches on the GPU). Later object slots are drawn on top."""
+    cx, cy = params["cx"], params["cy"]
+    b, _, t = cx.shape
+    video = params["background"].view(b, 1, 1, 1, 3).expand(b, t, height, width, 3)
+    for j in range(cx.shape[1]):
+        mask = shape_mask(params["shape"][:, j], cx[:, j], cy[:, j], params["half"][:, j], height, width)
+        mask = mask & params["used"][:, j].view(b, 1, 1, 1)
+        video = torch.where(mask[..., None], params["color"][:, j].view(b, 1, 1, 1, 3), video)
+    return video.contiguous()
 
 
 def render(spec: VideoSpec) -> torch.Tensor:
     """The video of ``spec``: [T, H, W, 3] in [0, 1]. Later objects are drawn on top."""
-    h, w = spec.height, spec.width
-    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32) + 0.5, torch.arange(w, dtype=torch.float32) + 0.5,
-                            indexing="ij")
-    yy, xx = yy / h, xx / w
-    video = torch.empty(spec.frames, h, w, 3)
-    video[:] = torch.tensor(BACKGROUNDS[spec.background])
-    for t in range(spec.frames):
-        progress = t / max(spec.frames - 1, 1)
-        for obj in spec.objects:
-            cx, cy = centre(obj, progress)
-            video[t][_mask(obj.shape, cx, cy, obj.size, yy, xx)] = torch.tensor(COLORS[obj.color])
-    return video
+    return render_tensors(spec_tensors([spec]), spec.height, spec.width)[0]
 
 
 def describe(spec: VideoSpec) -> str:

@@ -4,8 +4,10 @@ Objects are found by colour segmentation (pixels within ``tol`` of the prompted 
 tracked by their per-frame centroid and area. For each prompted object:
 
 * present: its colour covers at least ``min_area`` of the frame in 80 % of the frames;
-* shape: the fill ratio of its bounding box (square ~1, circle ~0.79, triangle ~0.5),
-  majority vote over frames;
+* shape: per frame, the candidate shape whose ideal mask (same area, same centroid) overlaps
+  the segmented mask best (intersection over union), majority vote over frames. Unlike the
+  bounding-box fill ratio used first, a few ragged edge pixels or one stray pixel do not flip
+  a square into a circle;
 * direction: the centroid moves along the prompted axis, the prompted way, by at least
   ``min_travel`` of the frame, and by less than that across it;
 * temporal consistency: the coefficient of variation of its area over frames and the
@@ -19,7 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from .data import COLORS, DIRECTIONS, VideoSpec
+import math
+
+from .data import COLORS, DIRECTIONS, SHAPE_IDS, SHAPES, VideoSpec, shape_mask
 
 
 def color_mask(video: torch.Tensor, color: str, tol: float = 0.3) -> torch.Tensor:
@@ -28,31 +32,49 @@ def color_mask(video: torch.Tensor, color: str, tol: float = 0.3) -> torch.Tenso
 
 
 def track_color(video: torch.Tensor, color: str, tol: float = 0.3) -> dict:
-    """Per frame: area (fraction of the frame), centroid (x, y in [0, 1]) and bounding-box fill."""
+    """Per frame: area (fraction of the frame), centroid (x, y in [0, 1]), the best-matching shape
+    and its IoU with the mask (:func:`classify_shape`), and the mean colour of the mask."""
     mask = color_mask(video.float(), color, tol)
     t, h, w = mask.shape
     ys = (torch.arange(h, dtype=torch.float32) + 0.5) / h
     xs = (torch.arange(w, dtype=torch.float32) + 0.5) / w
-    areas, centroids, fills, colors = [], [], [], []
+    areas, centroids, shapes, colors = [], [], [], []
     for f in range(t):
         m = mask[f]
         n = int(m.sum())
         areas.append(n / (h * w))
         if n == 0:
             centroids.append(None)
-            fills.append(None)
+            shapes.append(None)
             colors.append(None)
             continue
         yy, xx = torch.nonzero(m, as_tuple=True)
         centroids.append((float(xs[xx].mean()), float(ys[yy].mean())))
-        box = (int(yy.max()) - int(yy.min()) + 1) * (int(xx.max()) - int(xx.min()) + 1)
-        fills.append(n / box)
+        shapes.append(classify_shape(m, *centroids[-1]))
         colors.append(video[f][m].float().mean(0))
-    return {"area": areas, "centroid": centroids, "fill": fills, "color": colors}
+    return {"area": areas, "centroid": centroids, "shape": shapes, "color": colors}
 
 
-def _shape_from_fill(fill: float) -> str:
-    return "square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle"
+def classify_shape(mask: torch.Tensor, cx: float, cy: float) -> tuple[str, float]:
+    """(shape, IoU): the shape whose ideal mask, of the mask's area and centroid, overlaps ``mask``
+    [H, W] (a square frame) best. Sizes from the area A (fraction of the frame): a square's side
+    is sqrt(A), a circle's diameter 2 sqrt(A / pi), a triangle's side sqrt(2 A); a triangle's
+    centroid lies a sixth of its side below its box centre."""
+    h, w = mask.shape
+    if h != w:
+        raise ValueError(f"shape templates need square frames, got {h}x{w}")
+    area = float(mask.sum()) / (h * w)
+    side = {"square": math.sqrt(area), "circle": 2 * math.sqrt(area / math.pi), "triangle": math.sqrt(2 * area)}
+    kinds = torch.tensor([SHAPE_IDS[s] for s in SHAPES])
+    half = torch.tensor([side[s] / 2 for s in SHAPES])
+    ys = torch.tensor([[cy - (side[s] / 6 if s == "triangle" else 0.0)] for s in SHAPES])
+    xs = torch.full((len(SHAPES), 1), cx)
+    templates = shape_mask(kinds, xs, ys, half, h, w)[:, 0]  # [shapes, H, W]
+    inter = (templates & mask).flatten(1).sum(1).float()
+    union = (templates | mask).flatten(1).sum(1).float()
+    iou = inter / union.clamp(min=1)
+    best = int(iou.argmax())
+    return SHAPES[best], float(iou[best])
 
 
 def adherence(video: torch.Tensor, spec: VideoSpec, min_area: float = 0.01, min_travel: float = 0.1) -> dict:
@@ -66,7 +88,7 @@ def adherence(video: torch.Tensor, spec: VideoSpec, min_area: float = 0.01, min_
         shape = direction_ok = None
         area_cv = color_spread = float("inf")
         if present:
-            votes = [_shape_from_fill(tr["fill"][i]) for i in present_frames]
+            votes = [tr["shape"][i][0] for i in present_frames]
             shape = max(set(votes), key=votes.count)
             (x0, y0), (x1, y1) = tr["centroid"][present_frames[0]], tr["centroid"][present_frames[-1]]
             dx, dy = DIRECTIONS[obj.direction]

@@ -20,7 +20,7 @@ REF_CONFIG = dict(
     text_dim=64, freq_dim=64, ffn_dim=1024, num_layers=8, cross_attn_norm=True,
     qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=64,
 )
-TEXT_TOKENS = 12
+TEXT_TOKENS = 4  # two objects and the background, plus one spare
 
 
 def make_model(config: dict | None = None):
