@@ -133,9 +133,13 @@ def prepare(mode, model, device, num_blocks):
     if mode == "inductor":
         return torch.compile(model), None
     if mode == "torchao_fp8":
-        from torchao.quantization import PerRow, float8_dynamic_activation_float8_weight, quantize_
+        from torchao.quantization import PerRow, quantize_
 
-        quantize_(model, float8_dynamic_activation_float8_weight(granularity=PerRow()))
+        try:  # torchao >= 0.10 names it a config class; older releases a function
+            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig as fp8_config
+        except ImportError:
+            from torchao.quantization import float8_dynamic_activation_float8_weight as fp8_config
+        quantize_(model, fp8_config(granularity=PerRow()))
         return torch.compile(model), None
     skip = {"sixbit_int8_cache": 0.0, "sixbit_int8_skip33": 1 / 3, "sixbit_int8_skip50": 0.5}.get(mode)
     if mode in ("sixbit_quality", "sixbit_balanced", "sixbit_fast"):

@@ -549,7 +549,7 @@ class SixbitRuntime:
             generation, self.name, s["calls"], s["steps"], s["skip_rate"], s["precision_counts"], s["avg_activation_bits"],
             self.cache_bytes() / 2**20, s["syncs_per_call"],
         )
-        if self.options.dump_dir and self.block_names:
+        if self.options.dump_dir and self.block_names and s["steps"] > 1:  # not for a lone warm-up call
             import os
 
             from .heatmap import write_heatmap

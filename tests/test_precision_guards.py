@@ -291,6 +291,7 @@ def test_one_summary_line_per_generation_and_a_heatmap_in_the_dump(tmp_path, cap
     assert "skip rate 0.22" in lines[1] and "cache" in lines[1]  # 2 of 9 block-calls skipped
     from PIL import Image
 
+    assert not (tmp_path / "heatmap_generation000.png").exists()  # one call, one step: no picture
     img = Image.open(tmp_path / "heatmap_generation001.png").convert("RGB")
     assert img.size[0] >= 6 * 8
     assert img.getpixel((2 * 8 + 4, 16 + 1 * 8 + 4)) == (0, 0, 0)  # call 2 (step 1), block 1: skipped

@@ -8,6 +8,8 @@ per step, as Wan's pipeline).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .data import VideoSpec
@@ -91,10 +93,15 @@ def sample_batch(model, encoder: TextEncoder, specs: list[VideoSpec], steps: int
     x = torch.cat([initial_noise(s, seed) for s, seed in zip(specs, seeds)]).to(device, dtype)
     cond = torch.stack([encoder(s) for s in specs]).to(device, dtype)
     uncond = torch.stack([encoder(None)] * len(specs)).to(device, dtype)
+    # Named cache contexts per CFG branch, as diffusers' Wan pipeline sets them: diffusers' own
+    # caches (FirstBlockCache, ...) keep one state per name and need them; other models ignore them.
+    branch = getattr(model, "cache_context", None) or (lambda name: contextlib.nullcontext())
     for t in sched.timesteps:
         tt = t.expand(len(specs))
-        c = model(hidden_states=x, timestep=tt, encoder_hidden_states=cond, return_dict=False)[0]
-        u = model(hidden_states=x, timestep=tt, encoder_hidden_states=uncond, return_dict=False)[0]
+        with branch("cond"):
+            c = model(hidden_states=x, timestep=tt, encoder_hidden_states=cond, return_dict=False)[0]
+        with branch("uncond"):
+            u = model(hidden_states=x, timestep=tt, encoder_hidden_states=uncond, return_dict=False)[0]
         x = sched.step(u + guidance * (c - u), t, x, return_dict=False)[0]
     return from_model(x.float()).cpu()
 

@@ -48,3 +48,30 @@ class TextEncoder:
         for i, words in enumerate(groups):
             out[i] = self.table[[VOCAB.index(w) for w in words]].sum(0) / len(words) ** 0.5
         return out
+
+
+def parse_prompt(text: str) -> VideoSpec:
+    """The spec of a prompt in :func:`describe`'s words, e.g. ``"a red square moving right fast and
+    a blue circle moving up slow on gray"``: per object (split on "and") one colour, shape,
+    direction and speed; the background after "on" (black when absent). The objects' start
+    positions are placeholders: the prompt does not give them, the model chooses."""
+    from .data import MAX_OBJECTS, ObjectSpec
+
+    body, _, background = text.strip().lower().partition(" on ")
+    background = background.strip() or "black"
+    if background not in BACKGROUNDS:
+        raise ValueError(f"unknown background {background!r} in prompt {text!r}; one of {sorted(BACKGROUNDS)}")
+    objects = []
+    for part in body.split(" and "):
+        words = part.replace(",", " ").split()
+        found = {}
+        for kind, names in (("color", COLORS), ("shape", SHAPES), ("direction", DIRECTIONS), ("speed", SPEEDS)):
+            hits = [w for w in words if w in names]
+            if len(hits) != 1:
+                raise ValueError(f"object {part.strip()!r} of prompt {text!r} needs exactly one {kind} "
+                                 f"(one of {sorted(names)}), found {hits or 'none'}")
+            found[kind] = hits[0]
+        objects.append(ObjectSpec(found["color"], found["shape"], found["direction"], found["speed"], (0.5, 0.5)))
+    if len(objects) > MAX_OBJECTS or len({o.color for o in objects}) != len(objects):
+        raise ValueError(f"prompt {text!r}: at most {MAX_OBJECTS} objects, of distinct colours")
+    return VideoSpec(tuple(objects), background)
