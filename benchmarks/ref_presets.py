@@ -10,7 +10,7 @@ PSNR / SSIM / relative L2 of the frames, adherence of each video, and sixbit's s
 Mode ``fbc=T`` is the peer users would pick for skipping: diffusers' FirstBlockCache at
 threshold T (``enable_cache(FirstBlockCacheConfig(threshold=T))``, eager bf16), with one cache
 state per CFG branch as the Wan pipeline names them; its skip rate is counted from how often the
-last block ran.
+last block's feed-forward ran.
 """
 
 from __future__ import annotations
@@ -96,7 +96,9 @@ def _first_block_cache(model, encoder, specs, seeds, steps, threshold, reference
 
     model.enable_cache(FirstBlockCacheConfig(threshold=threshold))
     ran = {"last_block": 0, "calls": 0}
-    model.blocks[-1].register_forward_hook(lambda *a: ran.__setitem__("last_block", ran["last_block"] + 1))
+    # FirstBlockCache replaces the tail blocks' forward (their own forward hooks still fire when
+    # skipped), so count a submodule that only a computed block calls
+    model.blocks[-1].ffn.register_forward_hook(lambda *a: ran.__setitem__("last_block", ran["last_block"] + 1))
     model.register_forward_hook(lambda *a: ran.__setitem__("calls", ran["calls"] + 1))
     t0 = time.perf_counter()
     videos = sample_batch(model, encoder, specs, steps, 4.0, seeds, device, dtype)

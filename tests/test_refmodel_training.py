@@ -80,3 +80,31 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(pa, pb), name
     assert json.loads((paused / "config.json").read_text())["finished"]
+
+
+def test_the_shipped_model_loads_within_its_budget():
+    from sixbit_compiler.refmodel import shipped_model_dir
+
+    path = shipped_model_dir()
+    assert os.path.getsize(os.path.join(path, "ref_model.safetensors")) <= 20e6
+    meta = json.loads(open(os.path.join(path, "config.json")).read())
+    assert meta["finished"] and meta["device"].startswith("NVIDIA H100") and meta["seconds"] <= 15 * 60
+    model, encoder = load(path)
+    assert model.config.num_layers == REF_CONFIG["num_layers"] and encoder.table.shape[1] == REF_CONFIG["text_dim"]
+    assert os.path.exists(os.path.join(path, "loss.png"))
+
+
+def test_the_shipped_model_draws_what_it_is_asked_for():
+    """A short CPU sampling run of the shipped weights follows its prompt (an untrained or broken
+    model fails: its objects do not move the prompted way or are the wrong shape)."""
+    import dataclasses
+
+    from sixbit_compiler.refmodel import adherence, shipped_model_dir
+    from sixbit_compiler.refmodel.evaluate import eval_specs
+
+    model, encoder = load(shipped_model_dir())
+    spec = eval_specs(2)[1]  # a cyan triangle moving right, slow, on black
+    frames = sample(model, encoder, spec, steps=12, seed=1)
+    assert adherence(frames, spec)["ok"]
+    moved_left = dataclasses.replace(spec, objects=(dataclasses.replace(spec.objects[0], direction="left"),))
+    assert not adherence(frames, moved_left)["ok"]

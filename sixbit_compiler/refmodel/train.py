@@ -53,21 +53,29 @@ class Batches(torch.utils.data.IterableDataset):
 
 
 def plot_loss(losses: list[float], path: str) -> None:
+    """The loss curve (EMA-smoothed) on a log scale, with the value at each decade of the y axis."""
     from PIL import Image, ImageDraw
 
-    w, h, pad = 640, 360, 40
+    w, h, left, pad = 640, 360, 60, 30
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
     smooth, acc = [], None
     for v in losses:
         acc = v if acc is None else 0.98 * acc + 0.02 * v
-        smooth.append(acc)
-    lo, hi = min(smooth), max(smooth)
-    pts = [(pad + i * (w - 2 * pad) / max(len(smooth) - 1, 1), h - pad - (v - lo) / max(hi - lo, 1e-9) * (h - 2 * pad))
-           for i, v in enumerate(smooth)]
-    d.rectangle([pad, pad, w - pad, h - pad], outline="black")
+        smooth.append(max(acc, 1e-12))
+    logs = [math.log10(v) for v in smooth]
+    lo, hi = math.floor(min(logs)), math.ceil(max(logs))
+    hi = max(hi, lo + 1)
+    y = lambda lv: h - pad - (lv - lo) / (hi - lo) * (h - 2 * pad)  # noqa: E731
+    pts = [(left + i * (w - left - pad) / max(len(logs) - 1, 1), y(lv)) for i, lv in enumerate(logs)]
+    d.rectangle([left, pad, w - pad, h - pad], outline="black")
+    for decade in range(lo, hi + 1):
+        d.line([(left - 4, y(decade)), (left, y(decade))], fill="black")
+        d.text((4, y(decade) - 6), f"{10.0 ** decade:g}", fill="black")
     d.line(pts, fill="blue", width=2)
-    d.text((pad, 10), f"flow-matching loss (EMA), {len(losses)} steps: {hi:.3f} -> {smooth[-1]:.3f}", fill="black")
+    d.text((left, 10), f"flow-matching loss (EMA, log scale), {len(losses)} steps: {smooth[0]:.3f} -> {smooth[-1]:.4f}",
+           fill="black")
+    d.text((left, h - pad + 8), "training step", fill="black")
     img.save(path)
 
 
