@@ -4,6 +4,7 @@ import json
 import math
 import os
 
+import pytest
 import torch
 
 from sixbit_compiler.refmodel import random_spec
@@ -108,3 +109,13 @@ def test_the_shipped_model_draws_what_it_is_asked_for():
     assert adherence(frames, spec)["ok"]
     moved_left = dataclasses.replace(spec, objects=(dataclasses.replace(spec.objects[0], direction="left"),))
     assert not adherence(frames, moved_left)["ok"]
+
+
+def test_sampling_cli_writes_a_gif_of_the_prompt(tmp_path):
+    from sixbit_compiler.refmodel.sample import main as sample_cli
+
+    out = tmp_path / "v.gif"
+    frames, result = sample_cli(["--prompt", "a green circle moving up slow on black", "--steps", "2", "--out", str(out)])
+    assert out.stat().st_size > 0 and frames.shape == (9, 64, 64, 3) and "objects" in result
+    with pytest.raises(ValueError, match="needs exactly one colour|needs exactly one color"):
+        sample_cli(["--prompt", "a circle moving up slow", "--out", str(out)])
