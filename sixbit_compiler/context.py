@@ -27,6 +27,19 @@ class InputSpec:
 
 
 @dataclasses.dataclass
+class FusionRegion:
+    """One fusion region (``fuse_regions``): GEMMs reading one activation, the prologue that
+    produces it and each GEMM's elementwise epilogue, as node names."""
+
+    index: int
+    block: str
+    gemms: list[str]
+    prologue: list[str]
+    epilogues: dict[str, list[str]]
+    note: str = ""
+
+
+@dataclasses.dataclass
 class BlockInfo:
     """One transformer block region found by ``find_blocks``."""
 
@@ -63,6 +76,7 @@ class CompileContext:
     input_specs: dict[str, InputSpec] = dataclasses.field(default_factory=dict)
     weights_to_release: list[torch.Tensor] = dataclasses.field(default_factory=list)
     block_regions: list[str] = dataclasses.field(default_factory=list)  # submodule names, by block_regions
+    regions: list[FusionRegion] = dataclasses.field(default_factory=list)  # by fuse_regions
     notes: list[str] = dataclasses.field(default_factory=list)
     #: Block index of each entry of the graph's extra statistics output (precision_guards,
     #: without block regions); None: the graph has no such output.

@@ -33,6 +33,12 @@ def _graph_source(gm: fx.GraphModule, ctx: CompileContext, stage: str) -> str:
         for b in ctx.blocks:
             first, last = (b.nodes[0], b.nodes[-1]) if b.nodes else ("-", "-")
             header.append(f"#   {b.name:<28} {b.cls:<28} {len(b.nodes):5d} nodes  {first} .. {last}")
+    if ctx.regions:
+        header.append("# fusion regions (node meta 'sixbit_region' / 'sixbit_region_part'; index.md has the ops):")
+        for r in ctx.regions:
+            epi = sum(len(e) for e in r.epilogues.values())
+            header.append(f"#   region {r.index:<4} {r.block:<28} {len(r.gemms)} GEMM(s) {', '.join(r.gemms)}; "
+                          f"prologue {len(r.prologue)} ops, epilogues {epi} ops")
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     supplied = [(n, ctx.input_specs[n]) for n in names if n in ctx.input_specs and ctx.input_specs[n].kind != "arg"]
     if supplied:
@@ -95,6 +101,15 @@ class DumpWriter:
             lines += ["| block | class | nodes | inputs from outside | outputs used after |", "|---|---|---|---|---|"]
             for b in ctx.blocks:
                 lines.append(f"| `{b.name}` | {b.cls} | {len(b.nodes)} | {', '.join(b.inputs)} | {', '.join(b.outputs)} |")
+        lines += ["", f"## Fusion regions ({len(ctx.regions)})", ""]
+        if ctx.regions:
+            lines += ["Recorded by `fuse_regions` (node meta `sixbit_region` / `sixbit_region_part`); the "
+                      "codegen that lowers them is not in yet, so they run unfused.", "",
+                      "| region | block | GEMMs | prologue | epilogues | note |", "|---|---|---|---|---|---|"]
+            for r in ctx.regions:
+                epi = "; ".join(f"{g}: {', '.join(ns) or '-'}" for g, ns in r.epilogues.items())
+                lines.append(f"| {r.index} | `{r.block}` | {', '.join(r.gemms)} | {', '.join(r.prologue) or '-'} | "
+                             f"{epi} | {r.note} |")
         if ctx.notes:
             lines += ["", "## Notes", ""] + [f"- {n}" for n in ctx.notes]
         return self.write_text("index.md", "\n".join(lines) + "\n")

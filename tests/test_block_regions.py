@@ -49,8 +49,8 @@ def test_off_by_default(tmp_path):
     with torch.no_grad():
         torch.compile(tiny_wan(), backend="sixbit", options={"dump_dir": str(tmp_path)})(**wan_inputs())
     (d,) = list(tmp_path.iterdir())
-    assert "| 3 | `block_regions` | off (needs block_cache) |" in (d / "index.md").read_text()
-    assert not (d / "03_block_regions.py").exists()
+    assert "| 4 | `block_regions` | off (needs block_cache) |" in (d / "index.md").read_text()
+    assert not any(p.name.endswith("_block_regions.py") for p in d.iterdir())
 
 
 @pytest.mark.parametrize("make, inputs", [(tiny_wan, wan_inputs), (tiny_cogvideox, cogvideox_inputs)], ids=["wan", "cogvideox"])
@@ -151,11 +151,11 @@ def test_dump_shows_the_regions_and_each_distinct_body(tmp_path):
         )
     (d,) = list(tmp_path.iterdir())
     files = sorted(p.name for p in d.iterdir())
-    assert files == ["00_captured.py", "01_find_blocks.py", "02_quantize_linears.py", "03_block_regions.py",
-                     "04_precision_guards.py", "05_block_body_0.py", "index.md"]
-    main = (d / "03_block_regions.py").read_text()
+    assert files == ["00_captured.py", "01_find_blocks.py", "02_quantize_linears.py", "03_fuse_regions.py",
+                     "04_block_regions.py", "05_precision_guards.py", "06_block_body_0.py", "index.md"]
+    main = (d / "04_block_regions.py").read_text()
     assert main.count("self.sixbit_block_") == 3 and "quantized_linear" not in main.split("\n\n", 1)[1]
-    body = (d / "05_block_body_0.py").read_text()
+    body = (d / "06_block_body_0.py").read_text()
     assert body.count("torch.ops.sixbit.quantized_linear.default(") == 10
     assert body.count("torch.amax(") == 7  # precision_guards: one outlier ratio per distinct linear input (q, k, v share one)
     index = (d / "index.md").read_text()
