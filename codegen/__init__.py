@@ -1,7 +1,11 @@
 """Generated Triton kernels for fused regions (installed as ``sixbit_compiler.codegen``).
 
-Empty for now. The codegen issue puts here the lowering of the regions that a
-``fuse_regions`` pass will mark around each quantized linear (norm, modulation, rotation and
-quantization before the GEMM; bias, GELU, gate and residual after it), as prologue and
-epilogue code around the GEMM templates of ``sixbit_compiler.kernels``.
+* ``pointwise``: Triton source for a chain of elementwise FX nodes (the prologue and epilogue
+  chains that ``fuse_regions`` records), computed in fp32 and rounded where the graph's values
+  are bf16 / fp16, with sympy index arithmetic over symbolic sizes and strides, compiled and
+  cached on disk by source hash. Tested op by op against PyTorch under ``TRITON_INTERPRET=1``.
+
+Not in yet (issue 5): row norms in the prologue kernels, the GEMM templates of
+``sixbit_compiler.kernels`` taking these expression lines as prologue / epilogue, and the
+lowering that replaces each region by its kernels (and writes their source into the dump).
 """

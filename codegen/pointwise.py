@@ -1,0 +1,257 @@
+"""Triton source for a chain of elementwise FX nodes, and its compiled, disk-cached kernel.
+
+This is the expression layer of the region codegen: the prologue and epilogue chains that
+``fuse_regions`` records are translated op by op into Triton expressions, computed in fp32
+and rounded wherever the graph's value is bf16 / fp16 (as eager PyTorch rounds after each op),
+so a generated chain matches the unfused graph within one rounding. Today it emits standalone
+pointwise kernels; the GEMM templates will take the same expression lines as their
+prologue / epilogue.
+
+Index arithmetic is symbolic (sympy): the kernel takes the output's sizes and every input's
+strides as arguments, so one kernel serves every shape of a rank (the token count under
+``dynamic=True``, a new resolution), and inputs may be non-contiguous or broadcast (stride 0).
+Kernels are cached on disk under ``$SIXBIT_CACHE_DIR`` (default ``~/.cache/sixbit/codegen``),
+keyed by a hash of their source, which depends only on the ops, dtypes and rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import operator
+import os
+
+import sympy
+import torch
+import torch.fx as fx
+
+
+class Unsupported(Exception):
+    """The chain holds an op the codegen cannot emit; the caller leaves it unfused."""
+
+
+_TL_DTYPES = {torch.float32: "tl.float32", torch.bfloat16: "tl.bfloat16", torch.float16: "tl.float16"}
+_BINARY = {operator.add: "+", torch.add: "+", "add": "+", operator.mul: "*", torch.mul: "*", "mul": "*",
+           operator.sub: "-", torch.sub: "-", "sub": "-", operator.truediv: "/", torch.div: "/", "div": "/"}
+_UNARY = {
+    operator.neg: "(-{x})", torch.neg: "(-{x})", "neg": "(-{x})",
+    torch.sigmoid: "tl.sigmoid({x})", "sigmoid": "tl.sigmoid({x})",
+    torch.tanh: "(2.0 * tl.sigmoid(2.0 * {x}) - 1.0)", "tanh": "(2.0 * tl.sigmoid(2.0 * {x}) - 1.0)",
+    torch.exp: "tl.exp({x})",
+}
+# 0.5·x·(1 + tanh(y)) = x·sigmoid(2y): no cancellation where tanh(y) is close to -1
+_GELU_TANH = "({x} * tl.sigmoid(1.5957691216057308 * ({x} + 0.044715 * {x} * {x} * {x})))"
+_GELU_ERF = "(0.5 * {x} * (1.0 + tl.erf({x} * 0.7071067811865476)))"
+
+
+def _dtype(node: fx.Node) -> torch.dtype:
+    for key in ("example_value", "val"):
+        v = node.meta.get(key)
+        if isinstance(v, torch.Tensor):
+            return v.dtype
+    tm = node.meta.get("tensor_meta")
+    if tm is not None:
+        return tm.dtype
+    raise Unsupported(f"{node.name}: no dtype in its meta")
+
+
+def _rank(node: fx.Node) -> int:
+    for key in ("example_value", "val"):
+        v = node.meta.get(key)
+        if isinstance(v, torch.Tensor):
+            return v.dim()
+    tm = node.meta.get("tensor_meta")
+    if tm is not None:
+        return len(tm.shape)
+    raise Unsupported(f"{node.name}: no shape in its meta")
+
+
+def _literal(value) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise Unsupported(f"operand {value!r} is neither a tensor nor a number")
+    return repr(float(value))
+
+
+def _expression(node: fx.Node, var: dict[fx.Node, str]) -> str:
+    """The fp32 Triton expression of one node, given its operands' variables."""
+    def operand(a):
+        return var[a] if isinstance(a, fx.Node) else _literal(a)
+
+    target = node.target if node.op == "call_function" else node.target if node.op == "call_method" else None
+    if node.op not in ("call_function", "call_method"):
+        raise Unsupported(f"{node.name}: {node.op}")
+    if target in _BINARY and len(node.args) == 2 and not node.kwargs:
+        return f"({operand(node.args[0])} {_BINARY[target]} {operand(node.args[1])})"
+    if target in _UNARY and len(node.args) == 1 and not node.kwargs:
+        return _UNARY[target].format(x=operand(node.args[0]))
+    if target in (torch.nn.functional.gelu, torch._C._nn.gelu):
+        approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+        return (_GELU_TANH if approximate == "tanh" else _GELU_ERF).format(x=operand(node.args[0]))
+    if target is torch.nn.functional.dropout:
+        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+        training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
+        if p == 0.0 or training is False:
+            return operand(node.args[0])
+    if target in ("float", "to", "type_as") and node.op == "call_method":
+        if target == "to" and (node.kwargs or not all(isinstance(a, torch.dtype) for a in node.args[1:])):
+            raise Unsupported(f"{node.name}: .to() other than a dtype cast")
+        return operand(node.args[0])  # the rounding to the node's dtype follows in emit()
+    name = _torch_function_name(target)
+    if name in _BY_NAME and len(node.args) == 1 and not node.kwargs.get("inplace", False):
+        return _BY_NAME[name].format(x=operand(node.args[0]))
+    raise Unsupported(f"{node.name}: {getattr(target, '__name__', target)} has no Triton translation")
+
+
+#: functional ops matched by name: tracing may hand over torch.nn.functional's or torch._C._nn's object
+_BY_NAME = {"silu": "({x} * tl.sigmoid({x}))", "relu": "tl.maximum({x}, 0.0)"}
+
+
+def _torch_function_name(target) -> str | None:
+    module = getattr(target, "__module__", None) or ""
+    if callable(target) and (module.startswith("torch.nn.functional") or module.startswith("torch._C")):
+        return getattr(target, "__name__", None)
+    return None
+
+
+def _index_expressions(rank: int, n_inputs: int) -> tuple[list[sympy.Symbol], list[sympy.Expr]]:
+    """sympy offsets of each input for the output's linear index ``i`` (row-major)."""
+    i = sympy.Symbol("i", integer=True, nonnegative=True)
+    sizes = [sympy.Symbol(f"size{d}", integer=True, positive=True) for d in range(rank)]
+    coords = []
+    for d in range(rank):
+        inner = sympy.Mul(*sizes[d + 1:])
+        coords.append(sympy.Mod(sympy.floor(i / inner), sizes[d]) if d else sympy.floor(i / inner))
+    offsets = []
+    for j in range(n_inputs):
+        strides = [sympy.Symbol(f"stride{j}_{d}", integer=True) for d in range(rank)]
+        offsets.append(sum((c * s for c, s in zip(coords, strides)), sympy.Integer(0)))
+    return sizes, offsets
+
+
+def _print(expr: sympy.Expr) -> str:
+    """A sympy index expression as Triton (integer) code."""
+    if isinstance(expr, sympy.Symbol):
+        return expr.name
+    if isinstance(expr, sympy.Integer):
+        return str(int(expr))
+    if isinstance(expr, sympy.Add):
+        return "(" + " + ".join(_print(a) for a in expr.args) + ")"
+    if isinstance(expr, sympy.Mul):
+        return "(" + " * ".join(_print(a) for a in expr.args) + ")"
+    if isinstance(expr, sympy.floor):
+        num, den = sympy.fraction(sympy.together(expr.args[0]))
+        return f"({_print(num)} // {_print(den)})"
+    if isinstance(expr, sympy.Mod):
+        return f"({_print(expr.args[0])} % {_print(expr.args[1])})"
+    raise Unsupported(f"index expression {expr}")
+
+
+@dataclasses.dataclass
+class PointwiseKernel:
+    name: str
+    source: str
+    inputs: list[str]  # FX names of the external tensor inputs, in argument order
+    output: str
+    output_dtype: torch.dtype
+    rank: int
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(self.source.encode()).hexdigest()[:16]
+
+
+def emit_pointwise(nodes: list[fx.Node], name: str = "sixbit_pointwise") -> PointwiseKernel:
+    """Triton source computing ``nodes[-1]`` from the chain ``nodes`` (graph order) and the
+    tensors it reads from outside. Raises :class:`Unsupported` for an op with no translation."""
+    chain = set(nodes)
+    inputs: list[fx.Node] = []
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a not in chain and a not in inputs:
+                inputs.append(a)
+    out = nodes[-1]
+    rank = _rank(out)
+    sizes, offsets = _index_expressions(rank, len(inputs))
+    var = {a: f"in{j}" for j, a in enumerate(inputs)}
+    size_args = ", ".join(s.name for s in sizes)
+    stride_args = ", ".join(f"stride{j}_{d}" for j in range(len(inputs)) for d in range(rank))
+    lines = [
+        "import triton",
+        "import triton.language as tl",
+        "",
+        "",
+        "@triton.jit",
+        "def _round_bf16(x):",
+        "    # fp32 -> nearest bf16 (ties to even) as fp32, by bits: Triton's interpreter truncates in .to(bf16)",
+        "    b = x.to(tl.uint32, bitcast=True)",
+        "    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000",
+        "    return tl.where(x != x, x, b.to(tl.float32, bitcast=True))",
+        "",
+        "",
+        "@triton.jit",
+        f"def {name}({', '.join(f'in{j}_ptr' for j in range(len(inputs)))}, out_ptr, n_elements, "
+        f"{size_args}{', ' if size_args else ''}{stride_args}{', ' if stride_args else ''}BLOCK: tl.constexpr):",
+        "    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)",
+        "    mask = i < n_elements",
+    ]
+    for j, (a, off) in enumerate(zip(inputs, offsets)):
+        lines.append(f"    in{j} = tl.load(in{j}_ptr + {_print(sympy.expand(off)) if rank else '0'}, mask=mask, "
+                     f"other=0.0).to(tl.float32)  # {a.name}")
+    for k, n in enumerate(nodes):
+        var[n] = f"v{k}"
+        expr = _expression(n, var)
+        dtype = _dtype(n)
+        if dtype not in _TL_DTYPES:
+            raise Unsupported(f"{n.name}: dtype {dtype}")
+        if dtype == torch.bfloat16:  # eager rounds each op's result to its dtype
+            expr = f"_round_bf16({expr})"
+        elif dtype == torch.float16:
+            expr = f"({expr}).to(tl.float16).to(tl.float32)"
+        lines.append(f"    v{k} = {expr}  # {n.name}")
+    out_dtype = _dtype(out)
+    lines.append(f"    tl.store(out_ptr + i, v{len(nodes) - 1}.to({_TL_DTYPES[out_dtype]}), mask=mask)")
+    return PointwiseKernel(name, "\n".join(lines) + "\n", [a.name for a in inputs], out.name, out_dtype, rank)
+
+
+def cache_dir() -> str:
+    return os.environ.get("SIXBIT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "sixbit", "codegen")
+
+
+_LOADED: dict[str, object] = {}
+
+
+def load_kernel(kernel: PointwiseKernel):
+    """The compiled ``@triton.jit`` function, from the disk cache (written on a miss)."""
+    path = os.path.join(cache_dir(), f"{kernel.name}_{kernel.key}.py")
+    if path in _LOADED:
+        return _LOADED[path]
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(kernel.source)
+        os.replace(tmp, path)  # atomic: concurrent compiles never read half a file
+    spec = importlib.util.spec_from_file_location(f"sixbit_codegen_{kernel.key}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    _LOADED[path] = getattr(module, kernel.name)
+    return _LOADED[path]
+
+
+def run_pointwise(kernel: PointwiseKernel, *tensors: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """Run ``kernel`` on its input tensors (broadcast to a common shape of the kernel's rank)."""
+    if len(tensors) != len(kernel.inputs):
+        raise ValueError(f"{kernel.name} takes {len(kernel.inputs)} tensors, got {len(tensors)}")
+    shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+    if len(shape) != kernel.rank:
+        raise ValueError(f"{kernel.name} is for rank {kernel.rank}, the inputs broadcast to {tuple(shape)}")
+    views = [t.expand(shape) for t in tensors]  # broadcast dims get stride 0
+    out = torch.empty(shape, dtype=kernel.output_dtype, device=tensors[0].device)
+    n = out.numel()
+    if n == 0:
+        return out
+    fn = load_kernel(kernel)
+    strides = [s for v in views for s in v.stride()]
+    fn[(-(-n // block),)](*views, out, n, *shape, *strides, BLOCK=block)
+    return out
