@@ -26,6 +26,8 @@ import sympy
 import torch
 import torch.fx as fx
 
+from sixbit_compiler.fx_utils import external_inputs
+
 
 class Unsupported(Exception):
     """The chain holds an op the codegen cannot emit; the caller leaves it unfused."""
@@ -164,12 +166,7 @@ class PointwiseKernel:
 def emit_pointwise(nodes: list[fx.Node], name: str = "sixbit_pointwise") -> PointwiseKernel:
     """Triton source computing ``nodes[-1]`` from the chain ``nodes`` (graph order) and the
     tensors it reads from outside. Raises :class:`Unsupported` for an op with no translation."""
-    chain = set(nodes)
-    inputs: list[fx.Node] = []
-    for n in nodes:
-        for a in n.all_input_nodes:
-            if a not in chain and a not in inputs:
-                inputs.append(a)
+    inputs = external_inputs(nodes)
     out = nodes[-1]
     rank = _rank(out)
     sizes, offsets = _index_expressions(rank, len(inputs))

@@ -109,3 +109,14 @@ def add_placeholder(graph: fx.Graph, name: str, value=None) -> fx.Node:
     if value is not None:
         node.meta["example_value"] = value
     return node
+
+
+def external_inputs(nodes: list[fx.Node]) -> list[fx.Node]:
+    """The values ``nodes`` read from outside themselves, in first-use order."""
+    inside = set(nodes)
+    inputs: list[fx.Node] = []
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a not in inside and a not in inputs:
+                inputs.append(a)
+    return inputs

@@ -13,7 +13,7 @@ import dataclasses
 
 import torch.fx as fx
 
-from .fx_utils import example_value
+from .fx_utils import example_value, external_inputs
 
 
 @dataclasses.dataclass
@@ -30,11 +30,7 @@ def block_io(name: str, group: str, nodes: list[fx.Node]) -> BlockIO:
     """Inputs (values from outside read inside, in first-use order) and outputs (values
     used after the block, in graph order) of a block's nodes."""
     inside = set(nodes)
-    inputs: list[fx.Node] = []
-    for n in nodes:
-        for a in n.all_input_nodes:
-            if a not in inside and a not in inputs:
-                inputs.append(a)
+    inputs = external_inputs(nodes)
     outputs = [n for n in nodes if any(u not in inside for u in n.users)]
     return BlockIO(name, group, nodes, inputs, outputs)
 
