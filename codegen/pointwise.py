@@ -3,8 +3,9 @@
 This is the expression layer of the region codegen: the prologue and epilogue chains that
 ``fuse_regions`` records are translated op by op into Triton expressions, computed in fp32
 and rounded wherever the graph's value is bf16 / fp16 (as eager PyTorch rounds after each op),
-so a generated chain matches the unfused graph within one rounding. Today it emits standalone
-pointwise kernels; the GEMM templates will take the same expression lines as their
+so a generated chain matches the unfused graph within one rounding. A chain holding a layer /
+RMS norm over the last dim (a prologue) runs one program per row with the row in one tile.
+Today it emits standalone kernels; the GEMM templates will take the same expression lines as their
 prologue / epilogue.
 
 Index arithmetic is symbolic (sympy): the kernel takes the output's sizes and every input's
@@ -116,6 +117,45 @@ def _torch_function_name(target) -> str | None:
     return None
 
 
+_LAYER_NORMS = (torch.nn.functional.layer_norm, torch.layer_norm)
+_RMS_NORMS = (torch.rms_norm, torch.nn.functional.rms_norm)
+
+
+def _arg(node: fx.Node, position: int, name: str, default=None):
+    return node.args[position] if len(node.args) > position else node.kwargs.get(name, default)
+
+
+def is_row_norm(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _LAYER_NORMS + _RMS_NORMS
+
+
+def _norm_lines(node: fx.Node, var: dict[fx.Node, str], out: str, rank: int) -> list[str]:
+    """Statements of a layer / RMS norm over the last dim: the tile is one whole row (masked)."""
+    shape = _arg(node, 1, "normalized_shape")
+    if rank == 0 or len(shape) != 1:
+        raise Unsupported(f"{node.name}: a norm over more than the last dim")
+    n = f"size{rank - 1}"
+    x = var[node.args[0]]
+    lines = [f"    {out}_x = tl.where(mask, {x}, 0.0)"]
+    if node.target in _LAYER_NORMS:
+        weight, bias, eps = _arg(node, 2, "weight"), _arg(node, 3, "bias"), _arg(node, 4, "eps", 1e-5)
+        lines += [f"    {out}_mean = tl.sum({out}_x, axis=0) / {n}",
+                  f"    {out}_c = tl.where(mask, {out}_x - {out}_mean, 0.0)",
+                  f"    {out}_var = tl.sum({out}_c * {out}_c, axis=0) / {n}",
+                  f"    {out} = {out}_c * tl.rsqrt({out}_var + {_literal(eps)})"]
+    else:
+        weight, bias, eps = _arg(node, 2, "weight"), None, _arg(node, 3, "eps")
+        if eps is None:  # torch's default: the input dtype's machine epsilon
+            eps = torch.finfo(_dtype(node.args[0])).eps
+        lines += [f"    {out}_ms = tl.sum({out}_x * {out}_x, axis=0) / {n}",
+                  f"    {out} = {out}_x * tl.rsqrt({out}_ms + {_literal(eps)})"]
+    if weight is not None:
+        lines.append(f"    {out} = {out} * {var[weight]}")
+    if bias is not None:
+        lines.append(f"    {out} = {out} + {var[bias]}")
+    return lines
+
+
 def _index_expressions(rank: int, n_inputs: int) -> tuple[list[sympy.Symbol], list[sympy.Expr]]:
     """sympy offsets of each input for the output's linear index ``i`` (row-major)."""
     i = sympy.Symbol("i", integer=True, nonnegative=True)
@@ -157,6 +197,7 @@ class PointwiseKernel:
     output: str
     output_dtype: torch.dtype
     rank: int
+    rows: bool = False  # one program per row of the last dim (the chain holds a norm)
 
     @property
     def key(self) -> str:
@@ -165,7 +206,9 @@ class PointwiseKernel:
 
 def emit_pointwise(nodes: list[fx.Node], name: str = "sixbit_pointwise") -> PointwiseKernel:
     """Triton source computing ``nodes[-1]`` from the chain ``nodes`` (graph order) and the
-    tensors it reads from outside. Raises :class:`Unsupported` for an op with no translation."""
+    tensors it reads from outside. A chain with a layer / RMS norm over the last dim (a
+    prologue) runs one program per row, the whole row in one tile. Raises
+    :class:`Unsupported` for an op with no translation."""
     inputs = external_inputs(nodes)
     out = nodes[-1]
     rank = _rank(out)
@@ -189,18 +232,28 @@ def emit_pointwise(nodes: list[fx.Node], name: str = "sixbit_pointwise") -> Poin
         "@triton.jit",
         f"def {name}({', '.join(f'in{j}_ptr' for j in range(len(inputs)))}, out_ptr, n_elements, "
         f"{size_args}{', ' if size_args else ''}{stride_args}{', ' if stride_args else ''}BLOCK: tl.constexpr):",
-        "    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)",
-        "    mask = i < n_elements",
     ]
+    rows = any(is_row_norm(n) for n in nodes)
+    if rows:
+        lines += ["    cols = tl.arange(0, BLOCK)",
+                  f"    i = tl.program_id(0).to(tl.int64) * size{rank - 1} + cols",
+                  f"    mask = cols < size{rank - 1}"]
+    else:
+        lines += ["    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)",
+                  "    mask = i < n_elements"]
     for j, (a, off) in enumerate(zip(inputs, offsets)):
         lines.append(f"    in{j} = tl.load(in{j}_ptr + {_print(sympy.expand(off)) if rank else '0'}, mask=mask, "
                      f"other=0.0).to(tl.float32)  # {a.name}")
     for k, n in enumerate(nodes):
-        var[n] = f"v{k}"
-        expr = _expression(n, var)
         dtype = _dtype(n)
         if dtype not in _TL_DTYPES:
             raise Unsupported(f"{n.name}: dtype {dtype}")
+        if is_row_norm(n):
+            lines += _norm_lines(n, var, f"v{k}", rank)
+            expr = f"v{k}"
+        else:
+            expr = _expression(n, var)
+        var[n] = f"v{k}"
         if dtype == torch.bfloat16:  # eager rounds each op's result to its dtype
             expr = f"_round_bf16({expr})"
         elif dtype == torch.float16:
@@ -208,7 +261,7 @@ def emit_pointwise(nodes: list[fx.Node], name: str = "sixbit_pointwise") -> Poin
         lines.append(f"    v{k} = {expr}  # {n.name}")
     out_dtype = _dtype(out)
     lines.append(f"    tl.store(out_ptr + i, v{len(nodes) - 1}.to({_TL_DTYPES[out_dtype]}), mask=mask)")
-    return PointwiseKernel(name, "\n".join(lines) + "\n", [a.name for a in inputs], out.name, out_dtype, rank)
+    return PointwiseKernel(name, "\n".join(lines) + "\n", [a.name for a in inputs], out.name, out_dtype, rank, rows)
 
 
 def cache_dir() -> str:
@@ -250,5 +303,11 @@ def run_pointwise(kernel: PointwiseKernel, *tensors: torch.Tensor, block: int = 
         return out
     fn = load_kernel(kernel)
     strides = [s for v in views for s in v.stride()]
-    fn[(-(-n // block),)](*views, out, n, *shape, *strides, BLOCK=block)
+    if kernel.rows:  # one program per row, the row in one tile
+        import triton
+
+        grid, block = (n // shape[-1],), triton.next_power_of_2(shape[-1])
+    else:
+        grid = (-(-n // block),)
+    fn[grid](*views, out, n, *shape, *strides, BLOCK=block)
     return out

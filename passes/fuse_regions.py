@@ -41,6 +41,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
+from sixbit_compiler.codegen.pointwise import is_row_norm  # the norms the codegen emits
 from sixbit_compiler.context import CompileContext, FusionRegion
 
 QUANTIZED_LINEAR = torch.ops.sixbit.quantized_linear.default
@@ -51,7 +52,6 @@ _ELEMENTWISE_FUNCTIONS = {
     torch.nn.functional.gelu, torch._C._nn.gelu, torch.nn.functional.silu, torch.nn.functional.relu,
 }
 _ELEMENTWISE_METHODS = {"float", "to", "type_as", "add", "mul", "sub", "div", "neg", "sigmoid", "tanh"}
-_ROW_NORMS = {torch.nn.functional.layer_norm, torch.layer_norm, torch.rms_norm, torch.nn.functional.rms_norm}
 
 
 def _inert_dropout(node: fx.Node) -> bool:
@@ -71,10 +71,6 @@ def is_elementwise(node: fx.Node) -> bool:
             return all(isinstance(a, torch.dtype) for a in node.args[1:]) and not node.kwargs.get("device")
         return node.target in _ELEMENTWISE_METHODS
     return False
-
-
-def is_row_norm(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target in _ROW_NORMS
 
 
 def _absorb_operands(part: set[fx.Node], users_ok: set[fx.Node], block: str, taken: dict[fx.Node, str]) -> None:

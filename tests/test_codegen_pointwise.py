@@ -123,7 +123,6 @@ def test_the_fx_chains_of_a_wan_block_translate(tmp_path):
     from conftest import capture, context_for
     from models import tiny_wan, wan_inputs
     from sixbit_compiler.passes import find_blocks, fuse_regions, quantize_linears
-    from sixbit_compiler.passes.fuse_regions import is_elementwise
 
     gm, ex = capture(tiny_wan(num_layers=2), **wan_inputs())
     gm, ctx = context_for(gm, ex, activation="int8")
@@ -131,13 +130,47 @@ def test_the_fx_chains_of_a_wan_block_translate(tmp_path):
     quantize_linears(gm, ctx)
     fuse_regions(gm, ctx)
     names = {n.name: n for n in gm.graph.nodes}
-    emitted = 0
+    emitted = rows = 0
     for r in ctx.regions:
         for chain in [r.prologue] + list(r.epilogues.values()):
-            nodes = [names[n] for n in chain if is_elementwise(names[n])]
-            if nodes:
-                emit_pointwise(nodes)
+            if chain:  # whole chains: norms included (a prologue kernel then runs a row per program)
+                kernel = emit_pointwise([names[n] for n in chain])
                 emitted += 1
-    assert emitted >= 10
+                rows += kernel.rows
+    assert emitted >= 16 and rows == 6  # blocks x (self-attn, cross-attn, FFN) prologues hold a norm
     # operator targets in these graphs are the Python operators
     assert any(names[n].target is operator.mul for r in ctx.regions for e in r.epilogues.values() for n in e)
+
+
+N = 40  # the normalized size (a constant, as in a traced model); not a power of two: the tile is masked
+PROLOGUES = {
+    # Wan's AdaLN prologue: a norm without affine, then x * (1 + scale) + shift, cast back
+    "wan_adaln": lambda x, w, b, scale, shift: (
+        F.layer_norm(x.float(), (N,), None, None, 1e-6).to(torch.float32) * (1 + scale) + shift).type_as(x),
+    "layer_norm_affine": lambda x, w, b, scale, shift: F.layer_norm(x, (N,), w, b, 1e-5) * scale,
+    "rms_norm": lambda x, w, b, scale, shift: torch.rms_norm(x.float(), (N,), w, 1e-6).type_as(x),
+    "rms_norm_default_eps": lambda x, w, b, scale, shift: F.rms_norm(x, (N,)) + shift,
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("chain", list(PROLOGUES))
+def test_norm_prologues_match_pytorch_row_by_row(chain, dtype):
+    fn = PROLOGUES[chain]
+
+    def args(rows, n, gen):
+        g = torch.Generator().manual_seed(gen)
+        x = (torch.randn(rows, n, generator=g) * 4 + 1).to(dtype).view(2, rows // 2, n)
+        w, b = torch.randn(n, generator=g).to(dtype), torch.randn(n, generator=g).to(dtype)
+        return x, w, b, torch.randn(1, 1, n, generator=g), torch.randn(1, 1, n, generator=g)
+
+    kernel, names = lowered(fn, *args(4, N, 0))
+    assert kernel.rows
+    x, w, b, scale, shift = args(34, N, 1)  # fresh inputs, more rows
+    x[0, 0] = 0  # a constant row: variance 0
+    x[0, 1, 3] = float("nan")  # a NaN poisons its own row only
+    got, want = run(kernel, names, x, w, b, scale, shift), fn(x, w, b, scale, shift)
+    assert torch.equal(got.isnan(), want.isnan()) and got.isnan()[0, 1].all() and not got.isnan()[0, 2].any()
+    ok = ~want.isnan()
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2 ** -7)
+    torch.testing.assert_close(got[ok].float(), want[ok].float(), **tol)
