@@ -27,7 +27,6 @@ import sympy
 import torch
 import torch.fx as fx
 
-from sixbit_compiler.fx_utils import external_inputs
 
 
 class Unsupported(Exception):
@@ -204,12 +203,28 @@ class PointwiseKernel:
         return hashlib.sha256(self.source.encode()).hexdigest()[:16]
 
 
+def data_inputs(nodes: list[fx.Node]) -> list[fx.Node]:
+    """The tensors a chain reads from outside for their values, in first-use order: the
+    kernel's arguments (``y`` of ``x.type_as(y)`` gives only its dtype and is not loaded)."""
+    def reads(n: fx.Node) -> list[fx.Node]:
+        if n.op == "call_method" and n.target == "type_as":
+            return [n.args[0]] if isinstance(n.args[0], fx.Node) else []
+        return n.all_input_nodes
+
+    inside, found = set(nodes), []
+    for n in nodes:
+        for a in reads(n):
+            if a not in inside and a not in found:
+                found.append(a)
+    return found
+
+
 def emit_pointwise(nodes: list[fx.Node], name: str = "sixbit_pointwise") -> PointwiseKernel:
     """Triton source computing ``nodes[-1]`` from the chain ``nodes`` (graph order) and the
     tensors it reads from outside. A chain with a layer / RMS norm over the last dim (a
     prologue) runs one program per row, the whole row in one tile. Raises
     :class:`Unsupported` for an op with no translation."""
-    inputs = external_inputs(nodes)
+    inputs = data_inputs(nodes)
     out = nodes[-1]
     rank = _rank(out)
     sizes, offsets = _index_expressions(rank, len(inputs))
@@ -269,6 +284,10 @@ def cache_dir() -> str:
 
 
 _LOADED: dict[str, object] = {}
+
+#: key -> kernel, for ``sixbit::region_kernel`` (process-wide; keys are source hashes, so two
+#: models with the same chain share one entry)
+REGISTRY: dict[str, PointwiseKernel] = {}
 
 
 def load_kernel(kernel: PointwiseKernel):

@@ -77,6 +77,7 @@ class CompileContext:
     weights_to_release: list[torch.Tensor] = dataclasses.field(default_factory=list)
     block_regions: list[str] = dataclasses.field(default_factory=list)  # submodule names, by block_regions
     regions: list[FusionRegion] = dataclasses.field(default_factory=list)  # by fuse_regions
+    kernels: list[Any] = dataclasses.field(default_factory=list)  # codegen PointwiseKernels, by lower_regions
     notes: list[str] = dataclasses.field(default_factory=list)
     #: Block index of each entry of the graph's extra statistics output (precision_guards,
     #: without block regions); None: the graph has no such output.

@@ -78,6 +78,26 @@ def _quantized_linear_fake(x, w_packed, w_block_scales, w_tensor_scale, bias, pr
 QUANTIZED_LINEAR = torch.ops.sixbit.quantized_linear.default
 
 
+@torch.library.custom_op("sixbit::region_kernel", mutates_args=())
+def region_kernel(key: str, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """A generated kernel (``lower_regions``): the chain registered under ``key`` in
+    ``sixbit_compiler.codegen.pointwise.REGISTRY``, applied to ``inputs`` (broadcast)."""
+    from .codegen.pointwise import REGISTRY, run_pointwise
+
+    return run_pointwise(REGISTRY[key], *inputs)
+
+
+@region_kernel.register_fake
+def _region_kernel_fake(key, inputs):
+    from .codegen.pointwise import REGISTRY
+
+    shape = torch.broadcast_shapes(*(t.shape for t in inputs))
+    return inputs[0].new_empty(shape, dtype=REGISTRY[key].output_dtype)
+
+
+REGION_KERNEL = torch.ops.sixbit.region_kernel.default
+
+
 @torch.library.custom_op("sixbit::residual_abs_sums", mutates_args=())
 def residual_abs_sums(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """[Σ|y − x|, Σ|x|] in fp32, y − x rounded to the activation dtype: a block's Γ is their ratio.

@@ -68,6 +68,10 @@ class SixbitOptions:
     #: "eager" (the graph's Python code, op by op: quick to compile, easy to debug),
     #: or "auto": Inductor when the graph runs on a GPU, eager on CPU.
     lowering: str = "auto"
+    #: Lower fuse_regions' prologue / epilogue chains to generated Triton kernels
+    #: (codegen/pointwise.py). Experimental and off until measured on the GPU; it needs
+    #: CUDA (or Triton's interpreter), else the regions stay unfused with one log line.
+    codegen: bool = False
     #: Run each transformer block as a region the runtime can skip by reusing its cached
     #: residual (the temporal delta cache's mechanism). Experimental: the graph outside
     #: the blocks then runs eagerly and each block body is lowered on its own.
@@ -139,7 +143,7 @@ class SixbitOptions:
                 Calibration.load(self.calibration)
             except (OSError, ValueError) as exc:
                 raise bad("calibration", f"not a readable calibration file: {exc}") from None
-        for key in ("hadamard", "free_weights", "block_cache"):
+        for key in ("hadamard", "free_weights", "block_cache", "codegen"):
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "must be a bool")
         if not isinstance(self.passes, Mapping) or not all(

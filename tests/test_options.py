@@ -44,6 +44,7 @@ def test_values_are_parsed():
         ({"free_weights": 1}, "free_weights"),
         ({"dump_dir": 5}, "dump_dir"),
         ({"block_cache": "on"}, "block_cache"),
+        ({"codegen": "yes"}, "codegen"),
         ({"cache_dtype": "fp4"}, "cache_dtype"),
         ({"cache_policy": "teacache"}, "cache_policy"),
         ({"cache_threshold": -1}, "cache_threshold"),

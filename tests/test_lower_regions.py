@@ -1,0 +1,76 @@
+"""lower_regions (options={"codegen": True}): generated kernels replace the regions' chains."""
+
+import pytest
+import torch
+
+from conftest import capture, context_for, rel_err
+from models import cogvideox_inputs, tiny_cogvideox, tiny_wan, wan_inputs
+from sixbit_compiler.fx_utils import op_counts
+from sixbit_compiler.passes import find_blocks, fuse_regions, lower_regions, quantize_linears
+
+
+def lowered_graph(make, inputs):
+    gm, ex = capture(make(), **inputs())
+    gm, ctx = context_for(gm, ex, activation="int8", codegen=True)
+    find_blocks(gm, ctx)
+    quantize_linears(gm, ctx)
+    fuse_regions(gm, ctx)
+    before = op_counts(gm.graph)
+    lower_regions(gm, ctx)
+    gm.graph.lint()
+    return gm, ctx, before, op_counts(gm.graph)
+
+
+def test_each_chain_becomes_one_generated_kernel():
+    gm, ctx, before, after = lowered_graph(lambda: tiny_wan(num_layers=2), wan_inputs)
+    chains = sum(bool(r.prologue) + sum(bool(e) for e in r.epilogues.values()) for r in ctx.regions)
+    assert after["sixbit.region_kernel.default"] == chains == len(ctx.kernels) == 18  # 9 a Wan block
+    assert after["sixbit.quantized_linear.default"] == before["sixbit.quantized_linear.default"]  # GEMMs stay
+    # the AdaLN norms and GELUs inside the blocks are now in kernels; attention's norms are not regions
+    assert after.get("F.layer_norm", 0) == before["F.layer_norm"] - 6
+    in_blocks = [n for n in gm.graph.nodes if n.meta.get("sixbit_block")]
+    assert not any("gelu" in str(n.target) for n in in_blocks)  # (the text embedder's GELU is outside)
+    kernels = [n for n in gm.graph.nodes if n.target is torch.ops.sixbit.region_kernel.default]
+    assert all(n.meta["sixbit_block"] in ("blocks.0", "blocks.1") for n in kernels)
+
+
+@pytest.mark.parametrize("make, inputs", [(tiny_wan, wan_inputs), (tiny_cogvideox, cogvideox_inputs)],
+                         ids=["wan", "cogvideox"])
+@pytest.mark.parametrize("block_cache", [False, True], ids=["flat", "block_regions"])
+def test_outputs_equal_the_unfused_quantized_path(make, inputs, block_cache):
+    outs = []
+    for codegen in (False, True):
+        torch._dynamo.reset()
+        compiled = torch.compile(make(num_layers=2), backend="sixbit",
+                                 options={"activation": "int8", "codegen": codegen, "block_cache": block_cache})
+        with torch.no_grad():
+            outs.append(compiled(**inputs())[0])
+    assert rel_err(outs[1], outs[0]) < 1e-5  # fp32 models: the same math, fp32 rounding apart
+
+
+def test_generated_sources_are_in_the_dump_and_the_pass_is_off_by_default(tmp_path):
+    with torch.no_grad():
+        torch.compile(tiny_wan(num_layers=2), backend="sixbit",
+                      options={"activation": "int8", "codegen": True, "dump_dir": str(tmp_path / "on")})(**wan_inputs())
+        torch._dynamo.reset()
+        torch.compile(tiny_wan(num_layers=2), backend="sixbit",
+                      options={"activation": "int8", "dump_dir": str(tmp_path / "off")})(**wan_inputs())
+    (on,) = (tmp_path / "on").iterdir()
+    sources = sorted(p.name for p in (on / "kernels").iterdir())
+    assert len(sources) == 18 and sources[0].startswith("region0_prologue_")
+    assert "@triton.jit" in (on / "kernels" / sources[0]).read_text()
+    assert "18 chains lowered to generated kernels" in (on / "index.md").read_text()
+    (off,) = (tmp_path / "off").iterdir()
+    assert "`lower_regions` | off (needs codegen)" in (off / "index.md").read_text() and not (off / "kernels").exists()
+
+
+def test_nothing_to_run_the_kernels_leaves_the_regions_unfused(monkeypatch, caplog):
+    import importlib
+
+    mod = importlib.import_module("sixbit_compiler.passes.lower_regions")  # the module, not the pass
+
+    monkeypatch.setattr(mod, "interpreting", lambda: False)  # a CPU graph and no interpreter
+    with caplog.at_level("WARNING", logger="sixbit"):
+        gm, ctx, before, after = lowered_graph(lambda: tiny_wan(num_layers=2), wan_inputs)
+    assert after == before and not ctx.kernels
+    assert any("regions left unfused" in r.getMessage() for r in caplog.records)
