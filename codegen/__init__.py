@@ -6,7 +6,8 @@
   cached on disk by source hash. A chain with a layer / RMS norm (a prologue) runs one program
   per row. Tested op by op against PyTorch under ``TRITON_INTERPRET=1``.
 
-Not in yet (issue 5): activation quantization in the prologue kernels, the GEMM templates of
-``sixbit_compiler.kernels`` taking these expression lines as prologue / epilogue, and the
-lowering that replaces each region by its kernels (and writes their source into the dump).
+The ``lower_regions`` pass (``options={"codegen": True}``) replaces each region chain by its
+kernel and the dump writes the sources. Not in yet (issue 5): activation quantization in the
+prologue kernels, and the GEMM templates of ``sixbit_compiler.kernels`` taking these
+expression lines as prologue / epilogue.
 """

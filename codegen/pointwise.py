@@ -27,6 +27,7 @@ import sympy
 import torch
 import torch.fx as fx
 
+from sixbit_compiler.fx_utils import example_value
 
 
 class Unsupported(Exception):
@@ -47,26 +48,23 @@ _GELU_TANH = "({x} * tl.sigmoid(1.5957691216057308 * ({x} + 0.044715 * {x} * {x}
 _GELU_ERF = "(0.5 * {x} * (1.0 + tl.erf({x} * 0.7071067811865476)))"
 
 
-def _dtype(node: fx.Node) -> torch.dtype:
-    for key in ("example_value", "val"):
-        v = node.meta.get(key)
-        if isinstance(v, torch.Tensor):
-            return v.dtype
+def _tensor_meta(node: fx.Node):
+    """(dtype, rank) of ``node``'s value: Dynamo's fake tensor, or ShapeProp's ``tensor_meta``."""
+    value = example_value(node)
+    if isinstance(value, torch.Tensor):
+        return value.dtype, value.dim()
     tm = node.meta.get("tensor_meta")
     if tm is not None:
-        return tm.dtype
-    raise Unsupported(f"{node.name}: no dtype in its meta")
+        return tm.dtype, len(tm.shape)
+    raise Unsupported(f"{node.name}: no dtype and shape in its meta")
+
+
+def _dtype(node: fx.Node) -> torch.dtype:
+    return _tensor_meta(node)[0]
 
 
 def _rank(node: fx.Node) -> int:
-    for key in ("example_value", "val"):
-        v = node.meta.get(key)
-        if isinstance(v, torch.Tensor):
-            return v.dim()
-    tm = node.meta.get("tensor_meta")
-    if tm is not None:
-        return len(tm.shape)
-    raise Unsupported(f"{node.name}: no shape in its meta")
+    return _tensor_meta(node)[1]
 
 
 def _literal(value) -> str:
@@ -75,14 +73,41 @@ def _literal(value) -> str:
     return repr(float(value))
 
 
+def _arg(node: fx.Node, position: int, name: str, default=None):
+    return node.args[position] if len(node.args) > position else node.kwargs.get(name, default)
+
+
+def is_inert_dropout(node: fx.Node) -> bool:
+    """``F.dropout`` with p = 0 or outside training: the identity."""
+    if node.op != "call_function" or node.target is not torch.nn.functional.dropout:
+        return False
+    p, training = _arg(node, 1, "p", 0.5), _arg(node, 2, "training", True)
+    return p == 0.0 or training is False
+
+
+class _AnyOperand(dict):
+    def __missing__(self, key):
+        return "x"
+
+
+def translates(node: fx.Node) -> bool:
+    """Whether :func:`emit_pointwise` can emit ``node`` as per-element code (``fuse_regions``
+    puts only such ops, and the norms, into regions)."""
+    try:
+        _expression(node, _AnyOperand())
+    except Unsupported:
+        return False
+    return True
+
+
 def _expression(node: fx.Node, var: dict[fx.Node, str]) -> str:
     """The fp32 Triton expression of one node, given its operands' variables."""
     def operand(a):
         return var[a] if isinstance(a, fx.Node) else _literal(a)
 
-    target = node.target if node.op == "call_function" else node.target if node.op == "call_method" else None
     if node.op not in ("call_function", "call_method"):
         raise Unsupported(f"{node.name}: {node.op}")
+    target = node.target
     if target in _BINARY and len(node.args) == 2 and not node.kwargs:
         return f"({operand(node.args[0])} {_BINARY[target]} {operand(node.args[1])})"
     if target in _UNARY and len(node.args) == 1 and not node.kwargs:
@@ -90,11 +115,8 @@ def _expression(node: fx.Node, var: dict[fx.Node, str]) -> str:
     if target in (torch.nn.functional.gelu, torch._C._nn.gelu):
         approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
         return (_GELU_TANH if approximate == "tanh" else _GELU_ERF).format(x=operand(node.args[0]))
-    if target is torch.nn.functional.dropout:
-        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
-        training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
-        if p == 0.0 or training is False:
-            return operand(node.args[0])
+    if is_inert_dropout(node):
+        return operand(node.args[0])
     if target in ("float", "to", "type_as") and node.op == "call_method":
         if target == "to" and (node.kwargs or not all(isinstance(a, torch.dtype) for a in node.args[1:])):
             raise Unsupported(f"{node.name}: .to() other than a dtype cast")
@@ -118,10 +140,6 @@ def _torch_function_name(target) -> str | None:
 
 _LAYER_NORMS = (torch.nn.functional.layer_norm, torch.layer_norm)
 _RMS_NORMS = (torch.rms_norm, torch.nn.functional.rms_norm)
-
-
-def _arg(node: fx.Node, position: int, name: str, default=None):
-    return node.args[position] if len(node.args) > position else node.kwargs.get(name, default)
 
 
 def is_row_norm(node: fx.Node) -> bool:

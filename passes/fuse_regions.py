@@ -35,42 +35,13 @@ Guarantees:
 
 from __future__ import annotations
 
-import operator
-
 import networkx as nx
-import torch
 import torch.fx as fx
 
-from sixbit_compiler.codegen.pointwise import is_row_norm  # the norms the codegen emits
+# what the codegen can emit decides what a region may hold: one definition, in the codegen
+from sixbit_compiler.codegen.pointwise import is_row_norm, translates
 from sixbit_compiler.context import CompileContext, FusionRegion
-
-QUANTIZED_LINEAR = torch.ops.sixbit.quantized_linear.default
-
-_ELEMENTWISE_FUNCTIONS = {
-    operator.add, operator.mul, operator.sub, operator.truediv, operator.neg,
-    torch.add, torch.mul, torch.sub, torch.div, torch.neg, torch.sigmoid, torch.tanh, torch.exp,
-    torch.nn.functional.gelu, torch._C._nn.gelu, torch.nn.functional.silu, torch.nn.functional.relu,
-}
-_ELEMENTWISE_METHODS = {"float", "to", "type_as", "add", "mul", "sub", "div", "neg", "sigmoid", "tanh"}
-
-
-def _inert_dropout(node: fx.Node) -> bool:
-    if node.op != "call_function" or node.target is not torch.nn.functional.dropout:
-        return False
-    p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
-    training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
-    return p == 0.0 or training is False
-
-
-def is_elementwise(node: fx.Node) -> bool:
-    """An op the region codegen can emit as per-element Triton code."""
-    if node.op == "call_function":
-        return node.target in _ELEMENTWISE_FUNCTIONS or _inert_dropout(node)
-    if node.op == "call_method":
-        if node.target == "to":  # a dtype cast only, not a device move
-            return all(isinstance(a, torch.dtype) for a in node.args[1:]) and not node.kwargs.get("device")
-        return node.target in _ELEMENTWISE_METHODS
-    return False
+from sixbit_compiler.ops import QUANTIZED_LINEAR
 
 
 def _absorb_operands(part: set[fx.Node], users_ok: set[fx.Node], block: str, taken: dict[fx.Node, str]) -> None:
@@ -83,7 +54,7 @@ def _absorb_operands(part: set[fx.Node], users_ok: set[fx.Node], block: str, tak
             for arg in node.all_input_nodes:
                 if arg in part or arg in taken or arg.meta.get("sixbit_block") != block:
                     continue
-                if is_elementwise(arg) and all(u in part or u in users_ok for u in arg.users):
+                if translates(arg) and all(u in part or u in users_ok for u in arg.users):
                     part.add(arg)
                     changed = True
 
@@ -96,7 +67,7 @@ def _prologue(activation: fx.Node, gemms: set[fx.Node], block: str, taken: dict[
         node = stack.pop()
         if node in taken or node.meta.get("sixbit_block") != block:
             continue
-        if not (is_elementwise(node) or is_row_norm(node)):
+        if not (translates(node) or is_row_norm(node)):
             continue
         if not all(u in inside or u in chain for u in node.users):
             continue
@@ -113,7 +84,7 @@ def _epilogue(gemm: fx.Node, block: str, taken: dict[fx.Node, str]) -> list[fx.N
     chain, node = [], gemm
     while len(node.users) == 1:
         (user,) = node.users
-        if user in taken or user.meta.get("sixbit_block") != block or not is_elementwise(user):
+        if user in taken or user.meta.get("sixbit_block") != block or not translates(user):
             break
         chain.append(user)
         node = user
