@@ -19,9 +19,9 @@ the right way. Frames are ``[T, H, W, 3]`` in [0, 1].
 
 from __future__ import annotations
 
-import torch
-
 import math
+
+import torch
 
 from .data import COLORS, DIRECTIONS, SHAPE_IDS, SHAPES, VideoSpec, shape_mask
 
