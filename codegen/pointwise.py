@@ -34,7 +34,7 @@ class Unsupported(Exception):
     """The chain holds an op the codegen cannot emit; the caller leaves it unfused."""
 
 
-_TL_DTYPES = {torch.float32: "tl.float32", torch.bfloat16: "tl.bfloat16", torch.float16: "tl.float16"}
+TL_DTYPES = {torch.float32: "tl.float32", torch.bfloat16: "tl.bfloat16", torch.float16: "tl.float16"}
 _BINARY = {operator.add: "+", torch.add: "+", "add": "+", operator.mul: "*", torch.mul: "*", "mul": "*",
            operator.sub: "-", torch.sub: "-", "sub": "-", operator.truediv: "/", torch.div: "/", "div": "/"}
 _UNARY = {
@@ -59,7 +59,7 @@ def _tensor_meta(node: fx.Node):
     raise Unsupported(f"{node.name}: no dtype and shape in its meta")
 
 
-def _dtype(node: fx.Node) -> torch.dtype:
+def value_dtype(node: fx.Node) -> torch.dtype:
     return _tensor_meta(node)[0]
 
 
@@ -94,13 +94,13 @@ def translates(node: fx.Node) -> bool:
     """Whether :func:`emit_pointwise` can emit ``node`` as per-element code (``fuse_regions``
     puts only such ops, and the norms, into regions)."""
     try:
-        _expression(node, _AnyOperand())
+        expression(node, _AnyOperand())
     except Unsupported:
         return False
     return True
 
 
-def _expression(node: fx.Node, var: dict[fx.Node, str]) -> str:
+def expression(node: fx.Node, var: dict[fx.Node, str]) -> str:
     """The fp32 Triton expression of one node, given its operands' variables."""
     def operand(a):
         return var[a] if isinstance(a, fx.Node) else _literal(a)
@@ -163,7 +163,7 @@ def _norm_lines(node: fx.Node, var: dict[fx.Node, str], out: str, rank: int) -> 
     else:
         weight, bias, eps = _arg(node, 2, "weight"), None, _arg(node, 3, "eps")
         if eps is None:  # torch's default: the input dtype's machine epsilon
-            eps = torch.finfo(_dtype(node.args[0])).eps
+            eps = torch.finfo(value_dtype(node.args[0])).eps
         lines += [f"    {out}_ms = tl.sum({out}_x * {out}_x, axis=0) / {n}",
                   f"    {out} = {out}_x * tl.rsqrt({out}_ms + {_literal(eps)})"]
     if weight is not None:
@@ -173,36 +173,68 @@ def _norm_lines(node: fx.Node, var: dict[fx.Node, str], out: str, rank: int) -> 
     return lines
 
 
+#: the helper every generated kernel defines (the interpreter truncates in ``.to(bf16)``)
+ROUND_BF16_SOURCE = [
+    "@triton.jit",
+    "def _round_bf16(x):",
+    "    # fp32 -> nearest bf16 (ties to even) as fp32, by bits: Triton's interpreter truncates in .to(bf16)",
+    "    b = x.to(tl.uint32, bitcast=True)",
+    "    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000",
+    "    return tl.where(x != x, x, b.to(tl.float32, bitcast=True))",
+    "",
+    "",
+]
+
+
+def rounded(expr: str, dtype: torch.dtype) -> str:
+    """``expr`` (fp32) rounded to ``dtype`` and back, as eager rounds each op's result."""
+    if dtype == torch.bfloat16:
+        return f"_round_bf16({expr})"
+    if dtype == torch.float16:
+        return f"({expr}).to(tl.float16).to(tl.float32)"
+    return expr
+
+
+def _coordinates(index: sympy.Expr, sizes: list[sympy.Symbol]) -> list[sympy.Expr]:
+    """Row-major coordinates of a linear ``index`` over ``sizes``."""
+    coords = []
+    for d in range(len(sizes)):
+        inner = sympy.Mul(*sizes[d + 1:])
+        coords.append(sympy.Mod(sympy.floor(index / inner), sizes[d]) if d else sympy.floor(index / inner))
+    return coords
+
+
+def input_offsets(coords: list[sympy.Expr], n_inputs: int) -> list[sympy.Expr]:
+    """sympy offset of each input ``j`` (strides ``stride{j}_{d}``) at ``coords``."""
+    offsets = []
+    for j in range(n_inputs):
+        strides = [sympy.Symbol(f"stride{j}_{d}", integer=True) for d in range(len(coords))]
+        offsets.append(sum((c * s for c, s in zip(coords, strides)), sympy.Integer(0)))
+    return offsets
+
+
 def _index_expressions(rank: int, n_inputs: int) -> tuple[list[sympy.Symbol], list[sympy.Expr]]:
     """sympy offsets of each input for the output's linear index ``i`` (row-major)."""
     i = sympy.Symbol("i", integer=True, nonnegative=True)
     sizes = [sympy.Symbol(f"size{d}", integer=True, positive=True) for d in range(rank)]
-    coords = []
-    for d in range(rank):
-        inner = sympy.Mul(*sizes[d + 1:])
-        coords.append(sympy.Mod(sympy.floor(i / inner), sizes[d]) if d else sympy.floor(i / inner))
-    offsets = []
-    for j in range(n_inputs):
-        strides = [sympy.Symbol(f"stride{j}_{d}", integer=True) for d in range(rank)]
-        offsets.append(sum((c * s for c, s in zip(coords, strides)), sympy.Integer(0)))
-    return sizes, offsets
+    return sizes, input_offsets(_coordinates(i, sizes), n_inputs)
 
 
-def _print(expr: sympy.Expr) -> str:
+def print_index(expr: sympy.Expr) -> str:
     """A sympy index expression as Triton (integer) code."""
     if isinstance(expr, sympy.Symbol):
         return expr.name
     if isinstance(expr, sympy.Integer):
         return str(int(expr))
     if isinstance(expr, sympy.Add):
-        return "(" + " + ".join(_print(a) for a in expr.args) + ")"
+        return "(" + " + ".join(print_index(a) for a in expr.args) + ")"
     if isinstance(expr, sympy.Mul):
-        return "(" + " * ".join(_print(a) for a in expr.args) + ")"
+        return "(" + " * ".join(print_index(a) for a in expr.args) + ")"
     if isinstance(expr, sympy.floor):
         num, den = sympy.fraction(sympy.together(expr.args[0]))
-        return f"({_print(num)} // {_print(den)})"
+        return f"({print_index(num)} // {print_index(den)})"
     if isinstance(expr, sympy.Mod):
-        return f"({_print(expr.args[0])} % {_print(expr.args[1])})"
+        return f"({print_index(expr.args[0])} % {print_index(expr.args[1])})"
     raise Unsupported(f"index expression {expr}")
 
 
@@ -254,14 +286,7 @@ def emit_pointwise(nodes: list[fx.Node], name: str = "sixbit_pointwise") -> Poin
         "import triton.language as tl",
         "",
         "",
-        "@triton.jit",
-        "def _round_bf16(x):",
-        "    # fp32 -> nearest bf16 (ties to even) as fp32, by bits: Triton's interpreter truncates in .to(bf16)",
-        "    b = x.to(tl.uint32, bitcast=True)",
-        "    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000",
-        "    return tl.where(x != x, x, b.to(tl.float32, bitcast=True))",
-        "",
-        "",
+        *ROUND_BF16_SOURCE,
         "@triton.jit",
         f"def {name}({', '.join(f'in{j}_ptr' for j in range(len(inputs)))}, out_ptr, n_elements, "
         f"{size_args}{', ' if size_args else ''}{stride_args}{', ' if stride_args else ''}BLOCK: tl.constexpr):",
@@ -275,25 +300,22 @@ def emit_pointwise(nodes: list[fx.Node], name: str = "sixbit_pointwise") -> Poin
         lines += ["    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)",
                   "    mask = i < n_elements"]
     for j, (a, off) in enumerate(zip(inputs, offsets)):
-        lines.append(f"    in{j} = tl.load(in{j}_ptr + {_print(sympy.expand(off)) if rank else '0'}, mask=mask, "
+        lines.append(f"    in{j} = tl.load(in{j}_ptr + {print_index(sympy.expand(off)) if rank else '0'}, mask=mask, "
                      f"other=0.0).to(tl.float32)  # {a.name}")
     for k, n in enumerate(nodes):
-        dtype = _dtype(n)
-        if dtype not in _TL_DTYPES:
+        dtype = value_dtype(n)
+        if dtype not in TL_DTYPES:
             raise Unsupported(f"{n.name}: dtype {dtype}")
         if is_row_norm(n):
             lines += _norm_lines(n, var, f"v{k}", rank)
             expr = f"v{k}"
         else:
-            expr = _expression(n, var)
+            expr = expression(n, var)
         var[n] = f"v{k}"
-        if dtype == torch.bfloat16:  # eager rounds each op's result to its dtype
-            expr = f"_round_bf16({expr})"
-        elif dtype == torch.float16:
-            expr = f"({expr}).to(tl.float16).to(tl.float32)"
+        expr = rounded(expr, dtype)  # eager rounds each op's result to its dtype
         lines.append(f"    v{k} = {expr}  # {n.name}")
-    out_dtype = _dtype(out)
-    lines.append(f"    tl.store(out_ptr + i, v{len(nodes) - 1}.to({_TL_DTYPES[out_dtype]}), mask=mask)")
+    out_dtype = value_dtype(out)
+    lines.append(f"    tl.store(out_ptr + i, v{len(nodes) - 1}.to({TL_DTYPES[out_dtype]}), mask=mask)")
     return PointwiseKernel(name, "\n".join(lines) + "\n", [a.name for a in inputs], out.name, out_dtype, rank, rows)
 
 

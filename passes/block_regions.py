@@ -35,7 +35,7 @@ import torch.fx as fx
 from sixbit_compiler.blocks import BlockRunner
 from sixbit_compiler.context import CompileContext
 from sixbit_compiler.residuals import BlockIO, block_io, block_members, contiguous, pair_residuals
-from sixbit_compiler.ops import QUANTIZED_LINEAR
+from sixbit_compiler.ops import QUANTIZED_GEMMS
 
 
 def _extract(gm: fx.GraphModule, io: BlockIO) -> fx.GraphModule:
@@ -60,7 +60,7 @@ def _rebase_slots(body: fx.GraphModule) -> tuple[fx.Node, int, int] | None:
     so the outer graph can pass the block its own slice and the body can use 0..n-1. Then
     blocks differ only in their inputs and share one lowered body.
     """
-    qls = [n for n in body.graph.nodes if n.op == "call_function" and n.target is QUANTIZED_LINEAR]
+    qls = [n for n in body.graph.nodes if n.op == "call_function" and n.target in QUANTIZED_GEMMS]
     if not qls:
         return None
     slots_inputs = {n.args[5] for n in qls}

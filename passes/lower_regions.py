@@ -4,20 +4,26 @@ Contract
 --------
 Runs only with ``options={"codegen": True}`` (experimental). Expects ``fuse_regions`` ran.
 
-For every region of ``ctx.regions``, each non-empty chain (the prologue; each GEMM's epilogue)
-is emitted by ``sixbit_compiler.codegen.pointwise`` and replaced by one
-``sixbit::region_kernel(key, inputs)`` call that computes the chain's last node from the
-tensors the chain reads; the chain's nodes are erased. The GEMMs themselves are unchanged
-(``sixbit::quantized_linear``): composing the chains into the GEMM templates is the next step.
+For every region of ``ctx.regions``:
 
-Leaves a chain unfused, with a note in the dump index, when the codegen refuses it
-(``Unsupported``) or when a value inside it is read outside it. Leaves the whole graph unfused,
-with one log line, when nothing can run the kernels (no CUDA input and no Triton interpreter).
+* **each GEMM with an epilogue chain**: the GEMM (``sixbit::quantized_linear``) and its chain
+  become one ``sixbit::linear_epilogue(x, <the GEMM's arguments>, key, extras)`` call
+  (``codegen.gemm``: the kernel issue's INT8 GEMM as a template, the chain as its generated
+  epilogue; other precisions run the GEMM, then the chain as one generated kernel);
+* **the prologue chain** (norm, AdaLN modulation, casts): one ``sixbit::region_kernel(key,
+  inputs)`` call (``codegen.pointwise``) computing the chain's last node from what it reads;
+* an epilogue the GEMM template refuses is lowered like a prologue, on its own.
+
+The replaced nodes are erased. Leaves a chain unfused, with a note in the dump index, when the
+codegen refuses it (``Unsupported``) or when a value inside it (or the GEMM) is read outside it.
+Leaves the whole graph unfused, with one log line, when nothing can run the kernels (no CUDA
+input and no Triton interpreter).
 
 Guarantees:
-* per lowered chain: +1 ``sixbit.region_kernel``, minus the chain's nodes; the outputs equal
-  the unfused graph's within one rounding of the chain's dtype (each op is computed in fp32
-  and rounded where eager rounds);
+* per fused GEMM: +1 ``sixbit.linear_epilogue``, −1 ``sixbit.quantized_linear``, minus the
+  chain's nodes; per other lowered chain: +1 ``sixbit.region_kernel``, minus its nodes;
+* the outputs equal the unfused graph's within rounding (each op is computed in fp32 and
+  rounded where eager rounds; the GEMM's output is rounded to its dtype before the chain);
 * ``ctx.kernels`` holds the generated kernels; the dump writes their source into
   ``kernels/`` next to the graph files.
 """
@@ -29,10 +35,14 @@ import logging
 import torch
 import torch.fx as fx
 
+from sixbit_compiler.codegen import gemm as gemm_codegen
 from sixbit_compiler.codegen.pointwise import REGISTRY, Unsupported, data_inputs, emit_pointwise
 from sixbit_compiler.context import CompileContext
 from sixbit_compiler.kernels import interpreting, triton_available
-from sixbit_compiler.ops import REGION_KERNEL
+from sixbit_compiler.ops import LINEAR_EPILOGUE, REGION_KERNEL
+
+_KEPT_META = ("example_value", "val", "tensor_meta", "sixbit_block", "sixbit_block_index", "nn_module_stack",
+              "stack_trace")
 
 log = logging.getLogger("sixbit")
 
@@ -52,36 +62,68 @@ def lower_regions(gm: fx.GraphModule, ctx: CompileContext) -> None:
         return
     names = {n.name: n for n in gm.graph.nodes}
     for region in ctx.regions:
-        chains = [("prologue", region.prologue)] + [(f"epilogue{i}", e) for i, e in enumerate(region.epilogues.values())]
-        for part, chain in chains:
+        chains = [("prologue", None, region.prologue)]
+        chains += [(f"epilogue{i}", gemm, chain) for i, (gemm, chain) in enumerate(region.epilogues.items())]
+        for part, gemm, chain in chains:
             if not chain:
                 continue
             nodes = [names[n] for n in chain]
-            last = nodes[-1]
             inside = set(nodes)
             if any(u not in inside for n in nodes[:-1] for u in n.users):
                 ctx.notes.append(f"codegen: region {region.index} {part}: a value inside is read outside, left unfused")
                 continue
-            try:
-                kernel = emit_pointwise(nodes, name=f"region{region.index}_{part}")
-            except Unsupported as exc:
-                ctx.notes.append(f"codegen: region {region.index} {part} left unfused: {exc}")
+            if gemm is not None and _fuse_into_gemm(gm, ctx, region.index, part, names[gemm], nodes):
+                names.pop(gemm)
+            elif not _lower_chain(gm, ctx, region.index, part, nodes):
                 continue
-            REGISTRY[kernel.key] = kernel
-            ctx.kernels.append(kernel)
-            inputs = data_inputs(nodes)
-            with gm.graph.inserting_before(last):
-                call = gm.graph.call_function(REGION_KERNEL, (kernel.key, inputs))
-            call.meta.update({k: v for k, v in last.meta.items() if k in ("example_value", "val", "tensor_meta",
-                                                                         "sixbit_block", "sixbit_block_index",
-                                                                         "nn_module_stack", "stack_trace")})
-            call.meta["sixbit_region"] = region.index
-            call.meta["sixbit_region_part"] = "kernel"
-            last.replace_all_uses_with(call)
-            for n in reversed(nodes):
-                gm.graph.erase_node(n)
             for n in nodes:
                 names.pop(n.name, None)
+
+
+def _replace(gm: fx.GraphModule, nodes: list[fx.Node], call: fx.Node, region: int, part: str) -> None:
+    """Make ``call`` stand for ``nodes[-1]`` and erase ``nodes``."""
+    last = nodes[-1]
+    call.meta.update({k: v for k, v in last.meta.items() if k in _KEPT_META})
+    call.meta["sixbit_region"] = region
+    call.meta["sixbit_region_part"] = part
+    last.replace_all_uses_with(call)
+    for n in reversed(nodes):
+        gm.graph.erase_node(n)
+
+
+def _fuse_into_gemm(gm, ctx, region: int, part: str, gemm: fx.Node, nodes: list[fx.Node]) -> bool:
+    """GEMM + epilogue chain -> one ``sixbit::linear_epilogue``; False if the template refuses."""
+    if any(u not in nodes for u in gemm.users):
+        ctx.notes.append(f"codegen: region {region} {part}: the GEMM's output is read outside its epilogue")
+        return False
+    try:
+        kernel = gemm_codegen.emit_gemm_epilogue(gemm, nodes, name=f"region{region}_gemm_{part}")
+    except Unsupported as exc:
+        ctx.notes.append(f"codegen: region {region} {part}: not fused into its GEMM ({exc})")
+        return False
+    gemm_codegen.REGISTRY[kernel.key] = kernel
+    ctx.kernels += [kernel, kernel.alone]
+    extras = [a for a in data_inputs(nodes) if a is not gemm]
+    with gm.graph.inserting_before(nodes[-1]):
+        call = gm.graph.call_function(LINEAR_EPILOGUE, (*gemm.args, kernel.key, extras))
+    _replace(gm, nodes, call, region, "gemm+epilogue")
+    gm.graph.erase_node(gemm)
+    return True
+
+
+def _lower_chain(gm, ctx, region: int, part: str, nodes: list[fx.Node]) -> bool:
+    """A chain -> one ``sixbit::region_kernel``; False (with a note) if the codegen refuses it."""
+    try:
+        kernel = emit_pointwise(nodes, name=f"region{region}_{part}")
+    except Unsupported as exc:
+        ctx.notes.append(f"codegen: region {region} {part} left unfused: {exc}")
+        return False
+    REGISTRY[kernel.key] = kernel
+    ctx.kernels.append(kernel)
+    with gm.graph.inserting_before(nodes[-1]):
+        call = gm.graph.call_function(REGION_KERNEL, (kernel.key, data_inputs(nodes)))
+    _replace(gm, nodes, call, region, "kernel")
+    return True
 
 
 lower_regions.enabled_by = "codegen"

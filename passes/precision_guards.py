@@ -42,7 +42,7 @@ import torch
 import torch.fx as fx
 
 from sixbit_compiler.context import CompileContext
-from sixbit_compiler.ops import QUANTIZED_LINEAR, RESIDUAL_ABS_SUMS
+from sixbit_compiler.ops import QUANTIZED_GEMMS, RESIDUAL_ABS_SUMS
 from sixbit_compiler.residuals import block_io, block_members, pair_residuals
 
 
@@ -100,7 +100,7 @@ OUTLIER_ROW_STRIDE = 16
 def _body_outlier_ratios(body: fx.GraphModule) -> int:
     """Append max|x| / mean|x| of each quantized linear's input (slot order) to the body's outputs."""
     graph = body.graph
-    qls = sorted((n for n in graph.nodes if n.op == "call_function" and n.target is QUANTIZED_LINEAR),
+    qls = sorted((n for n in graph.nodes if n.op == "call_function" and n.target in QUANTIZED_GEMMS),
                  key=lambda n: n.args[6])
     if not qls:
         return 0

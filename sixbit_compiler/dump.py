@@ -106,7 +106,10 @@ class DumpWriter:
             self.write_text(f"kernels/{kernel.name}_{kernel.key}.py", kernel.source)
         lines += ["", f"## Fusion regions ({len(ctx.regions)})", ""]
         if ctx.regions:
-            lowered = (f"{len(ctx.kernels)} chains lowered to generated kernels (`kernels/`)" if ctx.kernels
+            fused = sum(1 for k in ctx.kernels if hasattr(k, "alone"))
+            lowered = (f"lowered to {len(ctx.kernels)} generated kernels (`kernels/`): {fused} GEMMs with their "
+                       f"epilogue fused (each also with its chain alone, for non-INT8 calls), "
+                       f"{len(ctx.kernels) - 2 * fused} other chains" if ctx.kernels
                        else "not lowered (`codegen` off): they run unfused")
             lines += [f"Recorded by `fuse_regions` (node meta `sixbit_region` / `sixbit_region_part`); {lowered}.", "",
                       "| region | block | GEMMs | prologue | epilogues | note |", "|---|---|---|---|---|---|"]

@@ -78,6 +78,72 @@ def _quantized_linear_fake(x, w_packed, w_block_scales, w_tensor_scale, bias, pr
 QUANTIZED_LINEAR = torch.ops.sixbit.quantized_linear.default
 
 
+@torch.library.custom_op("sixbit::linear_epilogue", mutates_args=())
+def linear_epilogue(
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    w_block_scales: torch.Tensor,
+    w_tensor_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    precision_slots: torch.Tensor,
+    slot: int,
+    in_features: int,
+    hadamard: bool,
+    key: str,
+    extras: list[torch.Tensor],
+) -> torch.Tensor:
+    """A quantized linear and its elementwise epilogue chain (``lower_regions``), registered
+    under ``key`` in ``sixbit_compiler.codegen.gemm.REGISTRY``; ``extras`` are the chain's
+    other inputs. The first nine arguments are ``quantized_linear``'s, in its order.
+
+    INT8 calls run one generated kernel: the INT8 GEMM with the chain as its epilogue. Other
+    precisions (DMPQ may pick NVFP4 for this call) run ``quantized_linear`` and then the chain
+    as its own generated kernel: the same values either way.
+    """
+    from .codegen.gemm import REGISTRY, run_gemm_epilogue
+    from .codegen.pointwise import run_pointwise
+
+    kernel = REGISTRY[key]
+    precision = Precision(int(precision_slots[slot]))
+    if precision == Precision.INT8 and CALIBRATION_RECORDER is None and generated_kernels_run_on(x):
+        from .kernels import dispatch
+
+        if dispatch.unsupported_reason(x, precision) is None:
+            x2d = dispatch.gemm_input(x, w_packed, in_features, hadamard, precision)
+            operands = dispatch.int8_operands(x2d, w_packed, w_block_scales, w_tensor_scale)
+            out = run_gemm_epilogue(kernel, *operands, bias, extras, tuple(x.shape[:-1]))
+            if out is not None:
+                return out
+    y = quantized_linear(x, w_packed, w_block_scales, w_tensor_scale, bias, precision_slots, slot, in_features, hadamard)
+    tensors = dict(zip(kernel.inputs, extras), **{kernel.gemm: y})
+    return run_pointwise(kernel.alone, *(tensors[name] for name in kernel.alone.inputs))
+
+
+@linear_epilogue.register_fake
+def _linear_epilogue_fake(x, w_packed, w_block_scales, w_tensor_scale, bias, precision_slots, slot, in_features,
+                          hadamard, key, extras):
+    from .codegen.gemm import REGISTRY
+
+    torch._check(x.shape[-1] == in_features, lambda: f"linear_epilogue: expected {in_features} input features")
+    shape = torch.broadcast_shapes((*x.shape[:-1], w_packed.shape[0]), *(t.shape for t in extras))
+    return x.new_empty(shape, dtype=REGISTRY[key].output_dtype)
+
+
+LINEAR_EPILOGUE = torch.ops.sixbit.linear_epilogue.default
+
+#: the ops that run a quantized GEMM: their first nine arguments are ``quantized_linear``'s
+#: (x, packed weight, block scales, tensor scale, bias, precision slots, slot, in_features, hadamard)
+QUANTIZED_GEMMS = (QUANTIZED_LINEAR, LINEAR_EPILOGUE)
+
+
+def generated_kernels_run_on(x: torch.Tensor) -> bool:
+    """Whether generated Triton kernels can run on ``x``: on CUDA, or anywhere under
+    ``TRITON_INTERPRET=1`` (tests); never with ``SIXBIT_KERNELS=0``."""
+    from .kernels import interpreting
+
+    return use_kernels() and (x.is_cuda or interpreting())
+
+
 @torch.library.custom_op("sixbit::region_kernel", mutates_args=())
 def region_kernel(key: str, inputs: list[torch.Tensor]) -> torch.Tensor:
     """A generated kernel (``lower_regions``): the chain registered under ``key`` in

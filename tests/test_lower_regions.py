@@ -21,31 +21,43 @@ def lowered_graph(make, inputs):
     return gm, ctx, before, op_counts(gm.graph)
 
 
-def test_each_chain_becomes_one_generated_kernel():
+def test_prologues_become_kernels_and_epilogues_join_their_gemm():
     gm, ctx, before, after = lowered_graph(lambda: tiny_wan(num_layers=2), wan_inputs)
-    chains = sum(bool(r.prologue) + sum(bool(e) for e in r.epilogues.values()) for r in ctx.regions)
-    assert after["sixbit.region_kernel.default"] == chains == len(ctx.kernels) == 18  # 9 a Wan block
-    assert after["sixbit.quantized_linear.default"] == before["sixbit.quantized_linear.default"]  # GEMMs stay
+    prologues = sum(bool(r.prologue) for r in ctx.regions)
+    epilogues = sum(bool(e) for r in ctx.regions for e in r.epilogues.values())
+    assert (prologues, epilogues) == (10, 8)  # a Wan block: 5 prologues; 4 GEMMs with an epilogue
+    assert after["sixbit.region_kernel.default"] == prologues
+    assert after["sixbit.linear_epilogue.default"] == epilogues
+    assert after["sixbit.quantized_linear.default"] == before["sixbit.quantized_linear.default"] - epilogues
+    assert len(ctx.kernels) == prologues + 2 * epilogues  # a fused GEMM kernel and its chain alone
+    # each fused GEMM keeps the quantized linear's arguments, in order (slots, slot: 5, 6)
+    fused = [n for n in gm.graph.nodes if n.target is torch.ops.sixbit.linear_epilogue.default]
+    assert all(n.args[5].name == "sixbit_precision_slots" and isinstance(n.args[6], int) for n in fused)
+    assert sorted(n.args[6] for n in fused) == sorted(set(n.args[6] for n in fused))
     # the AdaLN norms and GELUs inside the blocks are now in kernels; attention's norms are not regions
     assert after.get("F.layer_norm", 0) == before["F.layer_norm"] - 6
     in_blocks = [n for n in gm.graph.nodes if n.meta.get("sixbit_block")]
     assert not any("gelu" in str(n.target) for n in in_blocks)  # (the text embedder's GELU is outside)
-    kernels = [n for n in gm.graph.nodes if n.target is torch.ops.sixbit.region_kernel.default]
+    kernels = [n for n in gm.graph.nodes if n.target in (torch.ops.sixbit.region_kernel.default,
+                                                         torch.ops.sixbit.linear_epilogue.default)]
     assert all(n.meta["sixbit_block"] in ("blocks.0", "blocks.1") for n in kernels)
 
 
 @pytest.mark.parametrize("make, inputs", [(tiny_wan, wan_inputs), (tiny_cogvideox, cogvideox_inputs)],
                          ids=["wan", "cogvideox"])
 @pytest.mark.parametrize("block_cache", [False, True], ids=["flat", "block_regions"])
-def test_outputs_equal_the_unfused_quantized_path(make, inputs, block_cache):
+@pytest.mark.parametrize("activation", ["int8", "nvfp4", "dynamic"])
+def test_outputs_equal_the_unfused_quantized_path(make, inputs, block_cache, activation):
+    """INT8 calls take the fused GEMM kernels; NVFP4 calls (and DMPQ's mix) the GEMM, then the chain."""
     outs = []
     for codegen in (False, True):
         torch._dynamo.reset()
         compiled = torch.compile(make(num_layers=2), backend="sixbit",
-                                 options={"activation": "int8", "codegen": codegen, "block_cache": block_cache})
+                                 options={"activation": activation, "codegen": codegen, "block_cache": block_cache})
         with torch.no_grad():
-            outs.append(compiled(**inputs())[0])
-    assert rel_err(outs[1], outs[0]) < 1e-5  # fp32 models: the same math, fp32 rounding apart
+            outs.append([compiled(**inputs())[0] for _ in range(2)])  # DMPQ decides from call 1's Γ
+    for fused, unfused in zip(outs[1], outs[0]):
+        assert rel_err(fused, unfused) < 1e-5  # fp32 models: the same math, fp32 rounding apart
 
 
 def test_generated_sources_are_in_the_dump_and_the_pass_is_off_by_default(tmp_path):
@@ -57,9 +69,11 @@ def test_generated_sources_are_in_the_dump_and_the_pass_is_off_by_default(tmp_pa
                       options={"activation": "int8", "dump_dir": str(tmp_path / "off")})(**wan_inputs())
     (on,) = (tmp_path / "on").iterdir()
     sources = sorted(p.name for p in (on / "kernels").iterdir())
-    assert len(sources) == 18 and sources[0].startswith("region0_prologue_")
+    assert len(sources) == 26 and sources[0].startswith("region0_prologue_")
     assert "@triton.jit" in (on / "kernels" / sources[0]).read_text()
-    assert "18 chains lowered to generated kernels" in (on / "index.md").read_text()
+    fused = [s for s in sources if "_gemm_" in s and "_alone_" not in s]
+    assert len(fused) == 8 and "scaled_tile(" in (on / "kernels" / fused[0]).read_text()  # the GEMM template
+    assert "26 generated kernels" in (on / "index.md").read_text()
     (off,) = (tmp_path / "off").iterdir()
     assert "`lower_regions` | off (needs codegen)" in (off / "index.md").read_text() and not (off / "kernels").exists()
 

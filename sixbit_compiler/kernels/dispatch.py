@@ -89,18 +89,9 @@ def default_float_gemm() -> str:
     return "triton" if interpreting() else "cublas"
 
 
-def quantized_linear(
-    x, w_packed, w_block_scales_bits, w_tensor_scale, bias, precision: Precision, in_features: int, hadamard: bool,
-    float_gemm: str | None = None,
-):
-    """Kernel path; returns None (after logging once) for a case the kernels do not take."""
-    float_gemm = float_gemm or default_float_gemm()
-    reason = unsupported_reason(x, precision)
-    if reason is not None:
-        log_fallback_once(reason)
-        return None
-    out_dtype = x.dtype
-    lead = x.shape[:-1]
+def gemm_input(x, w_packed, in_features: int, hadamard: bool, precision: Precision) -> torch.Tensor:
+    """x [..., K] as the GEMM's [M, Kp] operand: rotated if the weight was, zero-padded to the
+    stored weight's K, contiguous."""
     x2d = x.reshape(-1, x.shape[-1])
     if x2d.shape[-1] != in_features:
         raise ValueError(f"quantized_linear: input has {x2d.shape[-1]} features, weight expects {in_features}")
@@ -113,12 +104,32 @@ def quantized_linear(
             x2d = x2d.to(x.dtype)
     if x2d.shape[-1] != kp:
         x2d = pad_last(x2d, kp)
-    x2d = x2d.contiguous()
+    return x2d.contiguous()
+
+
+def int8_operands(x2d, w_packed, w_block_scales_bits, w_tensor_scale):
+    """(x codes, per-token scale, weight codes, per-channel scale) of the INT8 GEMM."""
+    xq, xs, _, _ = quantize_int8_rows(x2d)
+    wq, ws = decode_nvfp4_to_int8(w_packed, w_block_scales_bits, w_tensor_scale)
+    return xq, xs, wq, ws
+
+
+def quantized_linear(
+    x, w_packed, w_block_scales_bits, w_tensor_scale, bias, precision: Precision, in_features: int, hadamard: bool,
+    float_gemm: str | None = None,
+):
+    """Kernel path; returns None (after logging once) for a case the kernels do not take."""
+    float_gemm = float_gemm or default_float_gemm()
+    reason = unsupported_reason(x, precision)
+    if reason is not None:
+        log_fallback_once(reason)
+        return None
+    out_dtype = x.dtype
+    lead = x.shape[:-1]
+    x2d = gemm_input(x, w_packed, in_features, hadamard, precision)
 
     if precision == Precision.INT8:
-        xq, xs, _, _ = quantize_int8_rows(x2d)
-        wq, ws = decode_nvfp4_to_int8(w_packed, w_block_scales_bits, w_tensor_scale)
-        out = scaled_gemm(xq, wq, xs, ws, bias, out_dtype)
+        out = scaled_gemm(*int8_operands(x2d, w_packed, w_block_scales_bits, w_tensor_scale), bias, out_dtype)
     elif precision == Precision.NVFP4:
         xv, xts, _, _ = quantize_nvfp4_values(x2d, torch.bfloat16)
         wv = decode_nvfp4_values(w_packed, w_block_scales_bits, torch.bfloat16)

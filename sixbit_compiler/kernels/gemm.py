@@ -9,6 +9,11 @@ wgmma takes for both operands, and the layout weights are stored in. Operands:
 ``a_scale`` is per row [M] or a scalar, ``b_scale`` per column [N] or a scalar (constexpr
 flags pick). The epilogue (scales, bias, cast) runs on the accumulator in registers, so C is
 written once. Autotuned per (N, K, M bucket); results are cached on disk where Triton allows.
+
+The main loop and the scaling live in one ``@triton.jit`` function, :func:`scaled_tile`, which
+returns the scaled fp32 tile instead of storing it. ``_scaled_gemm_body`` stores it; the
+codegen's generated GEMM kernels (``sixbit_compiler.codegen.gemm``) import it and run their
+generated epilogue on the tile first: one GEMM main loop, used by both.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from . import interpreting
 from ._common import next_pow2
 
 
-def _configs(int8: bool):
+def configs(int8: bool):
+    """The autotuning space (Hopper tiles; one big tile under the interpreter)."""
     if interpreting():  # the interpreter is slow with small blocks; one big tile
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=1)]
     bk = 128 if int8 else 64
@@ -36,21 +42,36 @@ def _configs(int8: bool):
     ]
 
 
-def _autotune(int8: bool):
-    kwargs = {}
+def autotune_kwargs() -> dict:
+    """Extra ``triton.autotune`` arguments: keep tuning results across processes where the
+    installed Triton can."""
     if "cache_results" in inspect.signature(triton.autotune).parameters:
-        kwargs["cache_results"] = True  # keep tuning results across processes
-    return triton.autotune(configs=_configs(int8), key=["N", "K", "M_BUCKET"], **kwargs)
+        return {"cache_results": True}
+    return {}
+
+
+#: what the autotuning result depends on (M by power-of-two bucket, so every token count of
+#: one resolution shares a choice)
+AUTOTUNE_KEY = ["N", "K", "M_BUCKET"]
+
+
+def _autotune(int8: bool):
+    return triton.autotune(configs=configs(int8), key=AUTOTUNE_KEY, **autotune_kwargs())
+
+
+def m_bucket(m: int) -> int:
+    return min(next_pow2(m), 32768)
 
 
 @triton.jit
-def _scaled_gemm_body(
-    a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
-    M, N, K, M_BUCKET, stride_am, stride_bn, stride_cm,
+def scaled_tile(
+    a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, stride_am, stride_bn,
     A_ROWWISE: tl.constexpr, B_COLWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
     INT_ACC: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    """This program's output tile: (A·Bᵀ) * scales + bias in fp32, with its row and column
+    indices (rows past M and columns past N are garbage; the caller masks its store)."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -96,6 +117,21 @@ def _scaled_gemm_body(
         c = c * tl.load(b_scale_ptr)
     if HAS_BIAS:
         c = c + tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    return c, rm, rn
+
+
+@triton.jit
+def _scaled_gemm_body(
+    a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
+    M, N, K, M_BUCKET, stride_am, stride_bn, stride_cm,
+    A_ROWWISE: tl.constexpr, B_COLWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    INT_ACC: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    c, rm, rn = scaled_tile(
+        a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, stride_am, stride_bn,
+        A_ROWWISE, B_COLWISE, HAS_BIAS, INT_ACC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+    )
     cmask = (rm[:, None] < M) & (rn[None, :] < N)
     tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :], c.to(c_ptr.dtype.element_ty), mask=cmask)
 
@@ -118,7 +154,7 @@ def scaled_gemm(a, b, a_scale, b_scale, bias=None, out_dtype=torch.bfloat16):
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     kernel[grid](
         a, b, out, a_scale, b_scale, bias if bias is not None else out,
-        m, n, k, min(next_pow2(m), 32768), a.stride(0), b.stride(0), out.stride(0),
+        m, n, k, m_bucket(m), a.stride(0), b.stride(0), out.stride(0),
         A_ROWWISE=a_scale.dim() == 1, B_COLWISE=b_scale.dim() == 1, HAS_BIAS=bias is not None,
         INT_ACC=int8, UPCAST=interpreting() and not int8,
     )

@@ -1,0 +1,140 @@
+"""Generated INT8 GEMM kernels with the region's epilogue fused: the kernel issue's GEMM as a template.
+
+A GEMM's epilogue chain (``fuse_regions``: bias-free adds and muls such as AdaLN's gate and the
+residual add, GELU, casts) becomes the tail of the GEMM kernel itself. The generated kernel
+calls ``sixbit_compiler.kernels.gemm.scaled_tile`` — the same main loop and scaling the
+hand-written INT8 GEMM uses, imported rather than copied — and runs the chain's expression
+lines (``codegen.pointwise.expression``) on the fp32 tile in registers before one store. The
+GEMM output and every intermediate of the chain never reach HBM.
+
+Numerics: the tile is rounded to the GEMM node's dtype first and each op after it to its
+node's dtype, exactly where eager rounds, so the fused kernel computes what the unfused INT8
+path computes (the GEMM's bf16 output, then the chain).
+
+Indexing: the output is the GEMM's [*lead, N] (contiguous); the tile covers rows ``row`` of the
+flattened leading dims and columns ``col``. Each extra input (the residual, a gate broadcast
+over tokens with stride 0) is read at a sympy offset of (row, col) through the leading sizes
+and its own strides, all kernel arguments: one kernel serves every token count.
+
+Only INT8 activations take the fused kernel (the precision is read per call); other
+precisions run ``sixbit::quantized_linear`` and then the same chain as a standalone pointwise
+kernel (:attr:`GemmEpilogueKernel.alone`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import sympy
+import torch
+import torch.fx as fx
+
+from .pointwise import (
+    ROUND_BF16_SOURCE, TL_DTYPES, PointwiseKernel, Unsupported, _coordinates, _rank, data_inputs, emit_pointwise,
+    expression, input_offsets, is_row_norm, load_kernel, print_index, rounded, value_dtype,
+)
+
+
+@dataclasses.dataclass
+class GemmEpilogueKernel:
+    name: str
+    source: str
+    gemm: str  # FX name of the GEMM node the chain reads
+    inputs: list[str]  # FX names of the chain's other tensor inputs, in argument order
+    output: str
+    output_dtype: torch.dtype
+    rank: int
+    alone: PointwiseKernel  # the chain by itself, reading the GEMM's output (non-INT8 calls)
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(self.source.encode()).hexdigest()[:16]
+
+
+def emit_gemm_epilogue(gemm: fx.Node, chain: list[fx.Node], name: str = "sixbit_gemm") -> GemmEpilogueKernel:
+    """Triton source of an INT8 GEMM whose output feeds ``chain`` (graph order, elementwise),
+    computing ``chain[-1]``. Raises :class:`Unsupported` for an op with no translation or a
+    chain whose output is not the GEMM's shape."""
+    if not chain:
+        raise Unsupported("empty epilogue")
+    if any(is_row_norm(n) for n in chain):
+        raise Unsupported("a row norm cannot run on a GEMM tile")
+    rank = _rank(gemm)
+    if _rank(chain[-1]) != rank or rank < 2:
+        raise Unsupported(f"{chain[-1].name}: the chain's output does not have the GEMM's rank")
+    extras = [a for a in data_inputs(chain) if a is not gemm]
+    sizes = [sympy.Symbol(f"size{d}", integer=True, positive=True) for d in range(rank)]
+    row, col = sympy.Symbol("row", integer=True, nonnegative=True), sympy.Symbol("col", integer=True, nonnegative=True)
+    offsets = input_offsets(_coordinates(row, sizes[:-1]) + [col], len(extras))
+
+    var = {a: f"in{j}" for j, a in enumerate(extras)}
+    var[gemm] = "g"
+    pointers = "".join(f"in{j}_ptr, " for j in range(len(extras)))
+    size_args = "".join(f"{s.name}, " for s in sizes)
+    stride_args = "".join(f"stride{j}_{d}, " for j in range(len(extras)) for d in range(rank))
+    lines = [
+        "import triton",
+        "import triton.language as tl",
+        "",
+        "from sixbit_compiler.kernels.gemm import AUTOTUNE_KEY, autotune_kwargs, configs, scaled_tile",
+        "",
+        "",
+        *ROUND_BF16_SOURCE,
+        "@triton.autotune(configs=configs(int8=True), key=AUTOTUNE_KEY, **autotune_kwargs())",
+        "@triton.jit",
+        f"def {name}(a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, {pointers}out_ptr, M, N, K, M_BUCKET, "
+        f"stride_am, stride_bn, {size_args}{stride_args}HAS_BIAS: tl.constexpr, "
+        "BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):",
+        "    # the kernel issue's INT8 GEMM: int32 accumulation, per-token x per-channel scales, bias",
+        "    c, rm, rn = scaled_tile(a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, stride_am, stride_bn,",
+        "                            True, True, HAS_BIAS, True, False, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)",
+        "    mask = (rm[:, None] < M) & (rn[None, :] < N)",
+        "    row = rm[:, None].to(tl.int64)",
+        "    col = rn[None, :].to(tl.int64)",
+        f"    g = {rounded('c', value_dtype(gemm))}  # {gemm.name}",
+    ]
+    for j, (a, off) in enumerate(zip(extras, offsets)):
+        lines.append(f"    in{j} = tl.load(in{j}_ptr + {print_index(sympy.expand(off))}, mask=mask, "
+                     f"other=0.0).to(tl.float32)  # {a.name}")
+    for k, n in enumerate(chain):
+        dtype = value_dtype(n)
+        if dtype not in TL_DTYPES:
+            raise Unsupported(f"{n.name}: dtype {dtype}")
+        lines.append(f"    v{k} = {rounded(expression(n, var), dtype)}  # {n.name}")
+        var[n] = f"v{k}"
+    out_dtype = value_dtype(chain[-1])
+    lines.append(f"    tl.store(out_ptr + row * N + col, v{len(chain) - 1}.to({TL_DTYPES[out_dtype]}), mask=mask)")
+    alone = emit_pointwise(chain, name=f"{name}_alone")
+    return GemmEpilogueKernel(name, "\n".join(lines) + "\n", gemm.name, [a.name for a in extras], chain[-1].name,
+                              out_dtype, rank, alone)
+
+
+#: key -> kernel, for ``sixbit::linear_epilogue`` (process-wide, like ``pointwise.REGISTRY``)
+REGISTRY: dict[str, GemmEpilogueKernel] = {}
+
+
+def run_gemm_epilogue(kernel: GemmEpilogueKernel, xq, xs, wq, ws, bias, extras, lead: tuple[int, ...]):
+    """The fused kernel on INT8 operands (``xq`` [M, K] with per-row ``xs``, ``wq`` [N, K] with
+    per-channel ``ws``) and the chain's other inputs; returns [*lead, N], or None when an
+    input would broadcast the output beyond the GEMM's shape."""
+    import triton
+
+    from sixbit_compiler.kernels.gemm import m_bucket
+
+    m, k = xq.shape
+    n = wq.shape[0]
+    shape = (*lead, n)
+    if len(shape) != kernel.rank or tuple(torch.broadcast_shapes(shape, *(t.shape for t in extras))) != shape:
+        return None
+    views = [t.expand(shape) for t in extras]  # broadcast dims get stride 0
+    out = torch.empty(shape, dtype=kernel.output_dtype, device=xq.device)
+    if out.numel() == 0:
+        return out
+    strides = [s for v in views for s in v.stride()]
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    load_kernel(kernel)[grid](
+        xq, wq, xs.reshape(-1), ws.reshape(-1), bias if bias is not None else out, *views, out,
+        m, n, k, m_bucket(m), xq.stride(0), wq.stride(0), *shape, *strides, HAS_BIAS=bias is not None,
+    )
+    return out
