@@ -46,7 +46,7 @@ def inspect_ptx():
     """Matrix instructions in the generated PTX/SASS of the sixbit GEMM kernels."""
     found = {}
     cache = os.environ.get("TRITON_CACHE_DIR", os.path.expanduser("~/.triton/cache"))
-    for ptx in glob.glob(os.path.join(cache, "*", "_scaled_gemm_body*.ptx")):
+    for ptx in glob.glob(os.path.join(cache, "*", "_scaled_gemm_body*.ptx")) + glob.glob(os.path.join(cache, "*", "region*_gemm_*.ptx")):
         text = open(ptx).read()
         kinds = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(\S+?)\s", text)))
         entry = {"wgmma_instructions": len(re.findall(r"wgmma\.mma_async", text)), "wgmma_kinds": kinds,
@@ -58,7 +58,7 @@ def inspect_ptx():
                 entry["sass_counts"] = {op: len(re.findall(rf"\b{op}\b", sass)) for op in ("HGMMA", "IGMMA", "QGMMA", "HMMA", "IMMA")}
             except Exception as exc:  # cuobjdump missing: PTX is still evidence
                 entry["sass_error"] = str(exc)
-        found[os.path.basename(os.path.dirname(ptx))[:12]] = entry
+        found[os.path.basename(ptx)[:-4] + "/" + os.path.basename(os.path.dirname(ptx))[:12]] = entry
     return found
 
 
@@ -73,9 +73,9 @@ def main():
 
     from sixbit_compiler.formats import Precision
     from sixbit_compiler.kernels import dispatch
-    from sixbit_compiler.kernels.gemm import _float_gemm, _int8_gemm, scaled_gemm
-    from sixbit_compiler.kernels.quantize import quantize_int8_rows, quantize_nvfp4_values
-    from sixbit_compiler.kernels.weights import decode_nvfp4_to_int8, decode_nvfp4_values
+    from sixbit_compiler.kernels.gemm import _float_gemm, _fp8_gemm, _int8_gemm, scaled_gemm
+    from sixbit_compiler.kernels.quantize import quantize_fp8_rows, quantize_int8_rows, quantize_nvfp4_values
+    from sixbit_compiler.kernels.weights import decode_nvfp4_to_fp8, decode_nvfp4_to_int8, decode_nvfp4_values
     from sixbit_compiler.reference import quantized_linear_reference
     from sixbit_compiler.weight_store import quantize_weight
 
@@ -107,6 +107,7 @@ def main():
         if args.quant_only:
             qw = quantize_weight(w, False)
             r["quant_int8_GBps"] = (m * k * 3) / bench(lambda: quantize_int8_rows(x)) / 1e9
+            r["quant_fp8_GBps"] = (m * k * 3) / bench(lambda: quantize_fp8_rows(x)) / 1e9
             r["quant_nvfp4_GBps_min_traffic"] = (m * k * 4) / bench(lambda: quantize_nvfp4_values(x)) / 1e9
             r["decode_int8_s"] = bench(lambda: decode_nvfp4_to_int8(qw.packed, qw.block_scales_bits, qw.tensor_scale))
             res["shapes"][shape] = r
@@ -124,6 +125,13 @@ def main():
         wf = (w.float() / (w.float().abs().amax(1, keepdim=True) / 448)).to(torch.float8_e4m3fn)
         swf = (w.float().abs().amax(1, keepdim=True) / 448).t().contiguous()
         r["fp8_scaled_mm"] = bench(lambda: torch._scaled_mm(af, wf.t(), scale_a=sa, scale_b=swf, out_dtype=torch.bfloat16))
+        wf_nk = wf.contiguous()
+        c_fp8 = scaled_gemm(af, wf_nk, sa, swf.t().contiguous(), bias, torch.bfloat16)  # autotunes on first call
+        r["sixbit_fp8_gemm"] = bench(lambda: scaled_gemm(af, wf_nk, sa, swf.t().contiguous(), bias, torch.bfloat16))
+        ref_fp8 = (af.double() @ wf.double().t()) * sa.double() * swf.double() + bias.double()
+        r["check_fp8_gemm_rel_err"] = rel(c_fp8, ref_fp8)
+        r["fp8_config"] = str(_fp8_gemm.best_config)
+        del c_fp8, ref_fp8
 
         c8 = scaled_gemm(a8, w8, sa, sw, bias, torch.bfloat16)  # autotunes on first call
         r["sixbit_int8_gemm"] = bench(lambda: scaled_gemm(a8, w8, sa, sw, bias, torch.bfloat16))
@@ -142,12 +150,16 @@ def main():
 
         r["quant_int8_s"] = bench(lambda: quantize_int8_rows(x))
         r["quant_int8_GBps"] = (m * k * 2 + m * k) / r["quant_int8_s"] / 1e9
+        r["quant_fp8_s"] = bench(lambda: quantize_fp8_rows(x))
+        r["quant_fp8_GBps"] = (m * k * 2 + m * k) / r["quant_fp8_s"] / 1e9
         r["quant_nvfp4_s"] = bench(lambda: quantize_nvfp4_values(x))
         r["quant_nvfp4_GBps_min_traffic"] = (m * k * 2 + m * k * 2) / r["quant_nvfp4_s"] / 1e9
         r["decode_int8_s"] = bench(lambda: decode_nvfp4_to_int8(qw.packed, qw.block_scales_bits, qw.tensor_scale))
         r["decode_values_s"] = bench(lambda: decode_nvfp4_values(qw.packed, qw.block_scales_bits))
+        r["decode_fp8_s"] = bench(lambda: decode_nvfp4_to_fp8(qw.packed, qw.block_scales_bits, qw.tensor_scale))
 
-        for p, backend in ((Precision.INT8, None), (Precision.NVFP4, "cublas"), (Precision.NVFP4, "triton"),
+        for p, backend in ((Precision.INT8, None), (Precision.FP8, "cublas"), (Precision.FP8, "triton"),
+                           (Precision.NVFP4, "cublas"), (Precision.NVFP4, "triton"),
                            (Precision.BF16, "cublas"), (Precision.BF16, "triton")):
             name = f"linear_{p.name.lower()}" + (f"_{backend}" if backend else "")
             f = lambda: dispatch.quantized_linear(x, qw.packed, qw.block_scales_bits, qw.tensor_scale, bias, p, k, False, backend)
@@ -165,7 +177,7 @@ def main():
         save()
         print(f"\n{shape}: " + ", ".join(f"{key} {v:.0f}" for key, v in tf.items()), flush=True)
         print("  ratio to bf16: " + ", ".join(f"{key} {v:.2f}" for key, v in r["ratio_to_bf16"].items()), flush=True)
-        print(f"  quant int8 {r['quant_int8_GBps']:.0f} GB/s, nvfp4 {r['quant_nvfp4_GBps_min_traffic']:.0f} GB/s; decode int8 "
+        print(f"  quant int8 {r['quant_int8_GBps']:.0f} GB/s, fp8 {r['quant_fp8_GBps']:.0f} GB/s, nvfp4 {r['quant_nvfp4_GBps_min_traffic']:.0f} GB/s; decode int8 "
               f"{r['decode_int8_s'] * 1e6:.0f} us; checks: " + ", ".join(f"{key[6:]} {v:.1e}" for key, v in r.items() if key.startswith("check")), flush=True)
         del x, w, a8, w8, af, wf, xv, wv, c8, cf
         torch.cuda.empty_cache()

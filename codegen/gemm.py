@@ -1,4 +1,4 @@
-"""Generated INT8 GEMM kernels with the region's epilogue fused: the kernel issue's GEMM as a template.
+"""Generated INT8 / FP8 GEMM kernels with the region's epilogue fused: the kernel issue's GEMM as a template.
 
 A GEMM's epilogue chain (``fuse_regions``: bias-free adds and muls such as AdaLN's gate and the
 residual add, GELU, casts) becomes the tail of the GEMM kernel itself. The generated kernel
@@ -16,9 +16,9 @@ flattened leading dims and columns ``col``. Each extra input (the residual, a ga
 over tokens with stride 0) is read at a sympy offset of (row, col) through the leading sizes
 and its own strides, all kernel arguments: one kernel serves every token count.
 
-Only INT8 activations take the fused kernel (the precision is read per call); other
-precisions run ``sixbit::quantized_linear`` and then the same chain as a standalone pointwise
-kernel (:attr:`GemmEpilogueKernel.alone`).
+INT8 and FP8 activations take the fused kernel (the precision is read per call); NVFP4 and
+bf16 run ``sixbit::quantized_linear`` and then the same chain as a standalone pointwise kernel
+(:attr:`GemmEpilogueKernel.alone`).
 """
 
 from __future__ import annotations
@@ -84,11 +84,11 @@ def emit_gemm_epilogue(gemm: fx.Node, chain: list[fx.Node], name: str = "sixbit_
         "@triton.autotune(configs=configs(int8=True), key=AUTOTUNE_KEY, **autotune_kwargs())",
         "@triton.jit",
         f"def {name}(a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, {pointers}out_ptr, M, N, K, M_BUCKET, "
-        f"stride_am, stride_bn, {size_args}{stride_args}HAS_BIAS: tl.constexpr, "
+        f"stride_am, stride_bn, {size_args}{stride_args}HAS_BIAS: tl.constexpr, INT_ACC: tl.constexpr, UPCAST: tl.constexpr, "
         "BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):",
-        "    # the kernel issue's INT8 GEMM: int32 accumulation, per-token x per-channel scales, bias",
+        "    # the kernel issue's GEMM: INT8 (int32 accumulation) or FP8, per-token x per-channel scales, bias",
         "    c, rm, rn = scaled_tile(a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, stride_am, stride_bn,",
-        "                            True, True, HAS_BIAS, True, False, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)",
+        "                            True, True, HAS_BIAS, INT_ACC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)",
         "    mask = (rm[:, None] < M) & (rn[None, :] < N)",
         "    row = rm[:, None].to(tl.int64)",
         "    col = rn[None, :].to(tl.int64)",
@@ -115,13 +115,15 @@ REGISTRY: dict[str, GemmEpilogueKernel] = {}
 
 
 def run_gemm_epilogue(kernel: GemmEpilogueKernel, xq, xs, wq, ws, bias, extras, lead: tuple[int, ...]):
-    """The fused kernel on INT8 operands (``xq`` [M, K] with per-row ``xs``, ``wq`` [N, K] with
-    per-channel ``ws``) and the chain's other inputs; returns [*lead, N], or None when an
-    input would broadcast the output beyond the GEMM's shape."""
+    """The fused kernel on INT8 or FP8 operands (``xq`` [M, K] with per-row ``xs``, ``wq``
+    [N, K] with per-channel ``ws``) and the chain's other inputs; returns [*lead, N], or None
+    when an input would broadcast the output beyond the GEMM's shape."""
     import triton
 
+    from sixbit_compiler.kernels import interpreting
     from sixbit_compiler.kernels.gemm import m_bucket
 
+    int8 = xq.dtype == torch.int8
     m, k = xq.shape
     n = wq.shape[0]
     shape = (*lead, n)
@@ -136,5 +138,6 @@ def run_gemm_epilogue(kernel: GemmEpilogueKernel, xq, xs, wq, ws, bias, extras, 
     load_kernel(kernel)[grid](
         xq, wq, xs.reshape(-1), ws.reshape(-1), bias if bias is not None else out, *views, out,
         m, n, k, m_bucket(m), xq.stride(0), wq.stride(0), *shape, *strides, HAS_BIAS=bias is not None,
+        INT_ACC=int8, UPCAST=interpreting() and not int8,
     )
     return out

@@ -96,21 +96,21 @@ def linear_epilogue(
     under ``key`` in ``sixbit_compiler.codegen.gemm.REGISTRY``; ``extras`` are the chain's
     other inputs. The first nine arguments are ``quantized_linear``'s, in its order.
 
-    INT8 calls run one generated kernel: the INT8 GEMM with the chain as its epilogue. Other
-    precisions (DMPQ may pick NVFP4 for this call) run ``quantized_linear`` and then the chain
-    as its own generated kernel: the same values either way.
+    INT8 and FP8 calls run one generated kernel: the GEMM with the chain as its epilogue.
+    NVFP4 and bf16 calls (DMPQ may pick NVFP4 for this call) run ``quantized_linear`` and then
+    the chain as its own generated kernel: the same values either way.
     """
     from .codegen.gemm import REGISTRY, run_gemm_epilogue
     from .codegen.pointwise import run_pointwise
 
     kernel = REGISTRY[key]
     precision = Precision(int(precision_slots[slot]))
-    if precision == Precision.INT8 and CALIBRATION_RECORDER is None and generated_kernels_run_on(x):
+    if precision in (Precision.INT8, Precision.FP8) and CALIBRATION_RECORDER is None and generated_kernels_run_on(x):
         from .kernels import dispatch
 
         if dispatch.unsupported_reason(x, precision) is None:
             x2d = dispatch.gemm_input(x, w_packed, in_features, hadamard, precision)
-            operands = dispatch.int8_operands(x2d, w_packed, w_block_scales, w_tensor_scale)
+            operands = dispatch.ONE_BYTE_OPERANDS[precision](x2d, w_packed, w_block_scales, w_tensor_scale)
             out = run_gemm_epilogue(kernel, *operands, bias, extras, tuple(x.shape[:-1]))
             if out is not None:
                 return out

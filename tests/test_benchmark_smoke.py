@@ -25,3 +25,19 @@ def test_e2e_benchmark_smoke(workload, tmp_path, monkeypatch):
     assert modes["sixbit_int8_skip50"]["skip_rate"] > 0 and modes["sixbit_int8"]["skip_rate"] == 0
     assert modes["sixbit_int8"]["weights_bytes"] < modes["sixbit_int8"]["weights_bf16_bytes"]
     assert (tmp_path / f"e2e_{workload}.json").exists()
+
+
+def test_block_benchmark_smoke(tmp_path, monkeypatch):
+    monkeypatch.setenv("OUT", str(tmp_path))
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import block
+    finally:
+        sys.path.pop(0)
+    res = block.main(["--model", "tiny", "--modes", "eager,sixbit,sixbit_fused"])
+    modes = res["modes"]
+    assert all("error" not in m for m in modes.values()), modes
+    assert modes["eager"]["rel_l2_vs_eager"] == 0
+    assert 0 < modes["sixbit"]["rel_l2_vs_eager"] < 0.2
+    assert abs(modes["sixbit_fused"]["rel_l2_vs_eager"] - modes["sixbit"]["rel_l2_vs_eager"]) < 1e-3
+    assert res["min_bytes_nvfp4"] < res["min_bytes_bf16"] and (tmp_path / "block_tiny.json").exists()

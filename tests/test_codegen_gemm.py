@@ -160,9 +160,9 @@ def test_refusals():
     assert fused(kernel, ph, operands, lead, torch.randn(4, 3, 16), s) is None
 
 
-def test_linear_epilogue_takes_the_fused_kernel_only_for_int8(monkeypatch):
-    """The op reads its precision per call: INT8 runs the generated GEMM, NVFP4 the quantized
-    linear and then the chain; both agree with quantized_linear followed by the chain."""
+def test_linear_epilogue_takes_the_fused_kernel_for_one_byte_precisions(monkeypatch):
+    """The op reads its precision per call: INT8 and FP8 run the generated GEMM, NVFP4 the
+    quantized linear and then the chain; all agree with quantized_linear followed by the chain."""
     import sixbit_compiler.codegen.gemm as gemm_codegen
     from sixbit_compiler.formats import Precision, quantize_nvfp4
     from sixbit_compiler.ops import linear_epilogue, quantized_linear
@@ -180,9 +180,9 @@ def test_linear_epilogue_takes_the_fused_kernel_only_for_int8(monkeypatch):
     r, s = torch.randn(2, 9, 48, generator=g).to(DEV), torch.randn(2, 1, 48, generator=g).to(DEV)
     by_name = {"r": r, "s": s}
     extras = [by_name[n] for n in kernel.inputs]
-    for precision in (Precision.INT8, Precision.NVFP4):
+    for precision in (Precision.INT8, Precision.FP8, Precision.NVFP4):
         slots = torch.tensor([int(precision)], dtype=torch.int8)
         got = linear_epilogue(x, *w, None, slots, 0, 64, False, kernel.key, extras)
         want = fn(quantized_linear(x, *w, None, slots, 0, 64, False), r, s)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        assert len(calls) == 1  # the INT8 call only
+    assert len(calls) == 2  # the INT8 and FP8 calls

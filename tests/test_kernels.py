@@ -15,14 +15,17 @@ from sixbit_compiler.formats import (  # noqa: E402
     Precision,
     dequantize_nvfp4,
     nvfp4_block_values,
+    nvfp4_to_fp8,
     nvfp4_to_int8,
+    quantize_fp8_rows,
     quantize_int8,
     quantize_nvfp4,
 )
 from sixbit_compiler.kernels import dispatch  # noqa: E402
 from sixbit_compiler.kernels.gemm import scaled_gemm  # noqa: E402
+from sixbit_compiler.kernels import quantize as qk  # noqa: E402
 from sixbit_compiler.kernels.quantize import quantize_int8_rows, quantize_nvfp4_values  # noqa: E402
-from sixbit_compiler.kernels.weights import decode_nvfp4_to_int8, decode_nvfp4_values  # noqa: E402
+from sixbit_compiler.kernels.weights import decode_nvfp4_to_fp8, decode_nvfp4_to_int8, decode_nvfp4_values  # noqa: E402
 from sixbit_compiler.reference import quantized_linear_reference  # noqa: E402
 from sixbit_compiler.weight_store import quantize_weight  # noqa: E402
 
@@ -48,7 +51,7 @@ def same(a, b):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m, k", [(37, 96), (5, 40), (70, 1000)])
+@pytest.mark.parametrize("m, k", [(37, 96), (5, 40), (70, 1000), (9, 1552), (6, 5120 + 48)])  # the last two: chunked rows
 def test_int8_row_quant_matches_spec(m, k, dtype):
     x = nasty(m, k, dtype, seed=m + k)
     q, scale, amax, abssum = quantize_int8_rows(x)
@@ -59,8 +62,34 @@ def test_int8_row_quant_matches_spec(m, k, dtype):
     torch.testing.assert_close(abssum, xs.sum(-1), rtol=1e-5, atol=0)
 
 
+def fp8_bits(t):
+    return t.view(torch.uint8)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m, k", [(37, 96), (5, 16), (70, 1024)])
+@pytest.mark.parametrize("m, k", [(37, 96), (8, 40), (9, 1552)])
+def test_fp8_row_quant_matches_spec_bit_for_bit(m, k, dtype):
+    x = nasty(m, k, dtype, seed=5 * m + k)
+    # row 6 has scale 1 (max 448): e4m3 subnormals (quantum 2^-9) with ties to even, and -0
+    x[6, :] = torch.tensor([2.0 ** -10, 3 * 2.0 ** -11, -(5 * 2.0 ** -11), 2.0 ** -8, -0.0] * k)[:k].to(dtype)
+    x[6, 1] = 448.0
+    q, scale, amax, _ = qk.quantize_fp8_rows(x)
+    ref_q, ref_scale = quantize_fp8_rows(x)
+    assert q.dtype == torch.float8_e4m3fn and torch.equal(fp8_bits(q), fp8_bits(ref_q)) and same(scale, ref_scale)
+
+
+def test_fp8_codes_cover_every_e4m3_value():
+    """Each of the 254 finite e4m3 values (times a row max of 448) encodes to its own bits."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    values = codes.view(torch.float8_e4m3fn).float()
+    values = values[values.isfinite()]
+    x = torch.cat([values, torch.tensor([448.0])]).reshape(1, -1).to(DEV)
+    q, scale, _, _ = qk.quantize_fp8_rows(x)
+    assert float(scale) == 1.0 and torch.equal(fp8_bits(q).cpu()[0, :-1], values.to(torch.float8_e4m3fn).view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m, k", [(37, 96), (5, 16), (70, 1024), (9, 1552)])
 def test_nvfp4_values_match_spec(m, k, dtype):
     x = nasty(m, k, dtype, seed=3 * m + k)
     values, ts, _, _ = quantize_nvfp4_values(x, torch.float32)
@@ -87,6 +116,9 @@ def test_weight_decode_matches_spec(n, k):
     ref_q, ref_s = nvfp4_to_int8(packed, scales, ts)
     assert torch.equal(q, ref_q) and torch.equal(s, ref_s)
     assert torch.equal(decode_nvfp4_values(packed, scales.view(torch.uint8), torch.float32), nvfp4_block_values(packed, scales))
+    f, fs = decode_nvfp4_to_fp8(packed, scales.view(torch.uint8), ts)
+    ref_f, ref_fs = nvfp4_to_fp8(packed, scales, ts)
+    assert torch.equal(fp8_bits(f), fp8_bits(ref_f)) and torch.equal(fs, ref_fs)
 
 
 @pytest.mark.parametrize("m, n, k", [(70, 40, 208), (130, 72, 64), (1, 8, 16)])
@@ -100,6 +132,18 @@ def test_int8_gemm_exact_accumulation(m, n, k, bias):
     c = scaled_gemm(a, b, sa, sb, bv, torch.float32)
     ref = (a.double() @ b.double().t()) * sa.double() * sb.double().t() + (bv.double() if bias else 0)
     assert c.shape == (m, n) and rel_err(c, ref) < 1e-6
+
+
+@pytest.mark.parametrize("m, n, k", [(70, 40, 208), (1, 8, 16)])
+def test_fp8_gemm_exact_products(m, n, k):
+    g = torch.Generator().manual_seed(m * n + k)
+    a = (torch.randn(m, k, generator=g) * 20).to(torch.float8_e4m3fn)
+    b = (torch.randn(n, k, generator=g) * 20).to(torch.float8_e4m3fn)
+    sa, sb = torch.rand(m, 1, generator=g), torch.rand(n, 1, generator=g)
+    bias = torch.randn(n, generator=g)
+    c = scaled_gemm(a.to(DEV), b.to(DEV), sa.to(DEV), sb.to(DEV), bias.to(DEV), torch.float32)
+    ref = (a.double() @ b.double().t()) * sa.double() * sb.double().t() + bias.double()
+    assert c.shape == (m, n) and rel_err(c.cpu(), ref) < 1e-6
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])

@@ -46,7 +46,7 @@ def test_prologues_become_kernels_and_epilogues_join_their_gemm():
 @pytest.mark.parametrize("make, inputs", [(tiny_wan, wan_inputs), (tiny_cogvideox, cogvideox_inputs)],
                          ids=["wan", "cogvideox"])
 @pytest.mark.parametrize("block_cache", [False, True], ids=["flat", "block_regions"])
-@pytest.mark.parametrize("activation", ["int8", "nvfp4", "dynamic"])
+@pytest.mark.parametrize("activation", ["int8", "fp8", "nvfp4", "dynamic"])
 def test_outputs_equal_the_unfused_quantized_path(make, inputs, block_cache, activation):
     """INT8 calls take the fused GEMM kernels; NVFP4 calls (and DMPQ's mix) the GEMM, then the chain."""
     outs = []

@@ -68,6 +68,41 @@ def round_to_e4m3(v):
 
 
 @triton.jit
+def e4m3_bits(v):
+    """float8_e4m3fn bits (as int32) of fp32 v, |v| <= 448, rounded to nearest even: the
+    bits are assembled by hand (the interpreter's own fp32 -> fp8 conversion rounds wrongly)."""
+    sign = (v.to(tl.int32, bitcast=True) >> 31) & 1  # -0.0 keeps its sign, as torch's cast does
+    mag = round_to_e4m3(tl.abs(v))
+    bits = mag.to(tl.int32, bitcast=True)
+    exp = ((bits >> 23) & 0xFF) - 127
+    code = tl.where(exp >= -6, ((exp + 7) << 3) | ((bits >> 20) & 7), (mag * 512.0).to(tl.int32))
+    return code | (sign << 7)
+
+
+@triton.jit
+def encode_rows(x, inv, FP8: tl.constexpr):
+    """Codes of fp32 x [R, C] (Inf saturated) scaled by inv [R]: INT8 values as fp32, or e4m3
+    bits as int32. NaN encodes as 0 (its row's scale carries the NaN)."""
+    s = tl.where(is_nan(x), 0.0, x) * inv[:, None]
+    if FP8:
+        return e4m3_bits(tl.minimum(tl.maximum(s, -448.0), 448.0))
+    else:
+        return tl.minimum(tl.maximum(rne(s), -127.0), 127.0)
+
+
+@triton.jit
+def fp8_rows(x):
+    """Per-row FP8 e4m3 of fp32 x [R, C], as ``formats.quantize_fp8_rows``: (e4m3 bits as
+    int32, scale [R] with NaN for rows holding NaN). Infinities must already be saturated."""
+    isnan = is_nan(x)
+    amax = tl.max(tl.where(isnan, 0.0, tl.abs(x)), axis=1)
+    has_nan = tl.max(isnan.to(tl.int32), axis=1) > 0
+    scale = tl.math.div_rn(amax, 448.0)
+    inv = tl.math.div_rn(1.0, tl.where(scale > 0, scale, 1.0))
+    return encode_rows(x, inv, True), where_nan(has_nan, scale)
+
+
+@triton.jit
 def e2m1_round(mag):
     """Nearest e2m1 magnitude (0, .5, 1, 1.5, 2, 3, 4, 6) of mag >= 0, ties to even, saturating."""
     v = tl.where(mag > 0.25, 0.5, 0.0)

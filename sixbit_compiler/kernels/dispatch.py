@@ -9,8 +9,8 @@ Per precision (spec: ``sixbit_compiler.reference``):
   tensor scales are applied after it. On CUDA that GEMM is cuBLAS (faster than the Triton
   template at these shapes, see :func:`float_scaled_gemm`).
 * BF16: x (bf16/fp16) times the decoded block values, tensor scale applied after.
-* FP8: per-token e4m3 activations x per-channel e4m3 weights (decoded per call) through
-  cuBLAS's FP8 rowwise ``_scaled_mm``.
+* FP8: ``quantize_fp8_rows`` (per-token e4m3) and ``decode_nvfp4_to_fp8`` (per-channel e4m3,
+  per call) feed cuBLAS's FP8 rowwise ``_scaled_mm`` on CUDA, or the FP8 scaled-GEMM template.
 
 A case the kernels do not take returns None with a reason; the caller logs it once and runs
 the reference path.
@@ -22,11 +22,11 @@ import logging
 
 import torch
 
-from ..formats import Precision, hadamard_rotate, nvfp4_to_fp8, quantize_fp8_rows
+from ..formats import Precision, hadamard_rotate
 from ..formats._common import pad_last
 from .gemm import scaled_gemm
-from .quantize import quantize_int8_rows, quantize_nvfp4_values
-from .weights import decode_nvfp4_to_int8, decode_nvfp4_values
+from .quantize import quantize_fp8_rows, quantize_int8_rows, quantize_nvfp4_values
+from .weights import decode_nvfp4_to_fp8, decode_nvfp4_to_int8, decode_nvfp4_values
 
 log = logging.getLogger("sixbit")
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -68,15 +68,15 @@ def float_scaled_gemm(a, b, scale, bias, out_dtype, backend: str):
     return out
 
 
-def fp8_linear(x2d, w_packed, w_block_scales_bits, w_tensor_scale, bias, out_dtype):
-    """The FP8 tier: cuBLAS FP8 rowwise ``_scaled_mm`` (1.4-1.8x bf16 on the H100 in
-    docs/benchmarks.md). Quantization still runs as PyTorch ops (not yet fused kernels)."""
+def fp8_linear(x2d, w_packed, w_block_scales_bits, w_tensor_scale, bias, out_dtype, backend: str):
+    """The FP8 tier: per-token e4m3 activations (``quantize_fp8_rows``, one read) and
+    per-channel e4m3 weights decoded per call (``decode_nvfp4_to_fp8``), then either the
+    Triton scaled-GEMM template (``"triton"``: scales, bias and cast fused) or cuBLAS's FP8
+    rowwise ``_scaled_mm`` (``"cublas"``, bias added after; it wants N % 16 == 0)."""
     n = w_packed.shape[0]
-    if n % 16 or out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        log_fallback_once(f"fp8 with N={n} (cuBLAS FP8 wants N % 16 == 0) or output {out_dtype}")
-        return None
-    xq, xs = quantize_fp8_rows(x2d)
-    wq, ws = nvfp4_to_fp8(w_packed, w_block_scales_bits.view(torch.float8_e4m3fn), w_tensor_scale)
+    xq, xs, wq, ws = fp8_operands(x2d, w_packed, w_block_scales_bits, w_tensor_scale)
+    if backend == "triton" or n % 16 or out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return scaled_gemm(xq, wq, xs, ws, bias, out_dtype)
     out = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.t().contiguous(), out_dtype=out_dtype)
     if bias is not None:
         out = out + bias.to(out_dtype)
@@ -114,6 +114,17 @@ def int8_operands(x2d, w_packed, w_block_scales_bits, w_tensor_scale):
     return xq, xs, wq, ws
 
 
+def fp8_operands(x2d, w_packed, w_block_scales_bits, w_tensor_scale):
+    """(x codes, per-token scale, weight codes, per-channel scale) of the FP8 GEMM."""
+    xq, xs, _, _ = quantize_fp8_rows(x2d)
+    wq, ws = decode_nvfp4_to_fp8(w_packed, w_block_scales_bits, w_tensor_scale)
+    return xq, xs, wq, ws
+
+
+#: the precisions whose GEMM is the one-byte scaled template (codegen fuses epilogues into it)
+ONE_BYTE_OPERANDS = {Precision.INT8: int8_operands, Precision.FP8: fp8_operands}
+
+
 def quantized_linear(
     x, w_packed, w_block_scales_bits, w_tensor_scale, bias, precision: Precision, in_features: int, hadamard: bool,
     float_gemm: str | None = None,
@@ -129,7 +140,8 @@ def quantized_linear(
     x2d = gemm_input(x, w_packed, in_features, hadamard, precision)
 
     if precision == Precision.INT8:
-        out = scaled_gemm(*int8_operands(x2d, w_packed, w_block_scales_bits, w_tensor_scale), bias, out_dtype)
+        xq, xs, wq, ws = int8_operands(x2d, w_packed, w_block_scales_bits, w_tensor_scale)
+        out = scaled_gemm(xq, wq, xs, ws, bias, out_dtype)
     elif precision == Precision.NVFP4:
         xv, xts, _, _ = quantize_nvfp4_values(x2d, torch.bfloat16)
         wv = decode_nvfp4_values(w_packed, w_block_scales_bits, torch.bfloat16)
@@ -138,9 +150,7 @@ def quantized_linear(
         wv = decode_nvfp4_values(w_packed, w_block_scales_bits, x2d.dtype)
         out = float_scaled_gemm(x2d, wv, w_tensor_scale, bias, out_dtype, float_gemm)
     elif precision == Precision.FP8:
-        out = fp8_linear(x2d, w_packed, w_block_scales_bits, w_tensor_scale, bias, out_dtype)
-        if out is None:
-            return None
+        out = fp8_linear(x2d, w_packed, w_block_scales_bits, w_tensor_scale, bias, out_dtype, float_gemm)
     else:
         log_fallback_once(f"precision {precision!r}")
         return None

@@ -4,6 +4,7 @@ A is [M, K] and B is [N, K], both K-major (row-major with K contiguous): the lay
 wgmma takes for both operands, and the layout weights are stored in. Operands:
 
 * INT8 x INT8 -> int32 accumulator (exact for K < 133,000), per-token x per-channel scales;
+* FP8 e4m3 x e4m3 -> fp32 accumulator (exact products), per-token x per-channel scales;
 * bf16/fp16 x bf16/fp16 -> fp32 accumulator (the NVFP4 route: exact block values).
 
 ``a_scale`` is per row [M] or a scalar, ``b_scale`` per column [N] or a scalar (constexpr
@@ -29,7 +30,8 @@ from ._common import next_pow2
 
 
 def configs(int8: bool):
-    """The autotuning space (Hopper tiles; one big tile under the interpreter)."""
+    """The autotuning space (Hopper tiles; one big tile under the interpreter). ``int8``: the
+    one-byte operands (INT8 and FP8), whose K tiles are twice as long."""
     if interpreting():  # the interpreter is slow with small blocks; one big tile
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=1)]
     bk = 128 if int8 else 64
@@ -94,11 +96,12 @@ def scaled_tile(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         kmask = rk[None, :] < K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=kmask, other=0)
-        b = tl.load(b_ptrs, mask=kmask, other=0)
-        if UPCAST:  # the interpreter's bf16 dot is wrong: multiply in fp32 there
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
+        if UPCAST:  # the interpreter's bf16 dot is wrong (and it cannot fill fp8 with 0): fp32 there
+            a = tl.where(kmask, tl.load(a_ptrs, mask=kmask).to(tl.float32), 0.0)
+            b = tl.where(kmask, tl.load(b_ptrs, mask=kmask).to(tl.float32), 0.0)
+        else:
+            a = tl.load(a_ptrs, mask=kmask, other=0)
+            b = tl.load(b_ptrs, mask=kmask, other=0)
         if INT_ACC:
             acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
         else:
@@ -137,6 +140,7 @@ def _scaled_gemm_body(
 
 
 _int8_gemm = _autotune(True)(_scaled_gemm_body)
+_fp8_gemm = _autotune(True)(_scaled_gemm_body)
 _float_gemm = _autotune(False)(_scaled_gemm_body)
 
 
@@ -146,16 +150,16 @@ def scaled_gemm(a, b, a_scale, b_scale, bias=None, out_dtype=torch.bfloat16):
     assert a.stride(1) == 1 and b.stride(1) == 1 and a.dtype == b.dtype
     m, k = a.shape
     n = b.shape[0]
-    int8 = a.dtype == torch.int8
+    int8, fp8 = a.dtype == torch.int8, a.dtype == torch.float8_e4m3fn
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
     a_scale = a_scale.reshape(-1) if a_scale.numel() > 1 else a_scale.reshape(())
     b_scale = b_scale.reshape(-1) if b_scale.numel() > 1 else b_scale.reshape(())
-    kernel = _int8_gemm if int8 else _float_gemm
+    kernel = _int8_gemm if int8 else _fp8_gemm if fp8 else _float_gemm
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     kernel[grid](
         a, b, out, a_scale, b_scale, bias if bias is not None else out,
         m, n, k, m_bucket(m), a.stride(0), b.stride(0), out.stride(0),
         A_ROWWISE=a_scale.dim() == 1, B_COLWISE=b_scale.dim() == 1, HAS_BIAS=bias is not None,
-        INT_ACC=int8, UPCAST=interpreting() and not int8,
+        INT_ACC=int8, UPCAST=interpreting() and not int8,  # fp8 and bf16 dots: fp32 in the interpreter
     )
     return out

@@ -1,7 +1,9 @@
 """Activation quantization kernels (spec: sixbit_compiler.formats).
 
-``quantize_int8_rows``: per-token symmetric INT8 in one read of the activation, plus per-row
-max|x| and sum|x| (PDR's outlier ratio max|x| / mean|x| comes from them at no extra read).
+``quantize_int8_rows`` / ``quantize_fp8_rows``: per-token symmetric INT8 / FP8 e4m3 in one
+HBM read of the activation, plus per-row max|x| and sum|x| (PDR's outlier ratio max|x| /
+mean|x| comes from them at no extra read). Rows wider than 1024 go in chunks: a first pass
+takes the row's max, a second (from L2) writes the codes.
 
 ``quantize_nvfp4_values``: NVFP4 fake-quantization for Hopper. NVFP4's per-tensor scale
 needs the tensor's amax first, so this is a row-stats pass then a quantize pass (two reads;
@@ -17,63 +19,127 @@ import triton
 import triton.language as tl
 
 from ..formats._common import div_exact
-from ._common import NO_FMA, e2m1_round, int8_rows, is_nan, next_pow2, round_to_e4m3, where_nan
+from ._common import NO_FMA, e2m1_round, encode_rows, fp8_rows, int8_rows, is_nan, next_pow2, round_to_e4m3, where_nan
 
 _F4_MAX, _F8_MAX = 6.0, 448.0
 
 
 @triton.jit
-def _int8_rows_kernel(
+def _rows_kernel(
     x_ptr, q_ptr, scale_ptr, amax_ptr, abssum_ptr,
     M, K, stride_xm, stride_qm, limit,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ONE_CHUNK: tl.constexpr,
 ):
+    """Per-row INT8 (codes as int8) or FP8 e4m3 (codes as uint8 bits), scale = amax / qmax."""
+    QMAX: tl.constexpr = 448.0 if FP8 else 127.0
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_K)
-    mask = (rows[:, None] < M) & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    x = tl.where(x > limit, limit, tl.where(x < -limit, -limit, x))  # ±Inf saturates; NaN passes
-    q, scale, amax, a = int8_rows(x)
-    tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q.to(tl.int8), mask=mask)
     row_ok = rows < M
+    if ONE_CHUNK:  # the whole row in one tile: one load, kept in registers
+        cols = tl.arange(0, BLOCK_K)
+        mask = row_ok[:, None] & (cols[None, :] < K)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.where(x > limit, limit, tl.where(x < -limit, -limit, x))  # ±Inf saturates; NaN passes
+        if FP8:
+            q, scale = fp8_rows(x)
+            a = tl.where(is_nan(x), 0.0, tl.abs(x))
+            amax = tl.max(a, axis=1)
+        else:
+            q, scale, amax, a = int8_rows(x)
+        tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+        abssum = tl.sum(a, axis=1)
+    else:
+        # Pass 1 over the row's chunks: max|x|, sum|x|, NaN. Pass 2 re-reads the chunks (from
+        # L2: a program's rows are a few tens of KB) and writes the codes. HBM sees one read.
+        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        abssum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        has_nan = tl.zeros((BLOCK_M,), dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            mask = row_ok[:, None] & (cols[None, :] < K)
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            isnan = is_nan(x)
+            a = tl.where(isnan, 0.0, tl.minimum(tl.abs(x), limit))
+            amax = tl.maximum(amax, tl.max(a, axis=1))
+            abssum += tl.sum(a, axis=1)
+            has_nan = tl.maximum(has_nan, tl.max(isnan.to(tl.int32), axis=1))
+        scale = tl.math.div_rn(amax, QMAX)
+        inv = tl.math.div_rn(1.0, tl.where(scale > 0, scale, 1.0))
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            mask = row_ok[:, None] & (cols[None, :] < K)
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = tl.where(x > limit, limit, tl.where(x < -limit, -limit, x))
+            q = encode_rows(x, inv, FP8)
+            tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+        scale = where_nan(has_nan > 0, scale)
     tl.store(scale_ptr + rows, scale, mask=row_ok)
     tl.store(amax_ptr + rows, amax, mask=row_ok)
-    tl.store(abssum_ptr + rows, tl.sum(a, axis=1), mask=row_ok)
+    tl.store(abssum_ptr + rows, abssum, mask=row_ok)
 
 
-def _row_tiling(k: int) -> tuple[int, int, int]:
-    block_k = next_pow2(k)
+#: widest chunk of a row the chunked kernels load at once (elements)
+MAX_CHUNK = 1024
+
+
+def _row_tiling(k: int) -> tuple[int, int, int, bool]:
+    """(rows per program, chunk width, warps, whole row in one chunk).
+
+    A row up to 1024 wide is one power-of-two tile. A wider one goes in chunks of 256, 512 or
+    1024, whichever pads the row least (5120 -> 1024, 1536 -> 512, 13824 -> 512, 8960 -> 256):
+    a whole-row tile padded to the next power of two wasted 37.5 % of the lanes at K = 5120.
+    """
+    if k <= MAX_CHUNK:
+        block_k = next_pow2(k)
+        one = True
+    else:
+        block_k = min((256, 512, 1024), key=lambda c: (-(-k // c) * c, -c))
+        one = False
     block_m = max(1, min(64, 4096 // block_k))
     warps = 4 if block_k * block_m <= 4096 else 8
-    return block_m, block_k, warps
+    return block_m, block_k, warps, one
+
+
+def _quantize_rows(x: torch.Tensor, fp8: bool):
+    assert x.dim() == 2 and x.stride(1) == 1
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.uint8 if fp8 else torch.int8, device=x.device)
+    scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    amax = torch.empty((m,), dtype=torch.float32, device=x.device)
+    abssum = torch.empty((m,), dtype=torch.float32, device=x.device)
+    block_m, block_k, warps, one = _row_tiling(k)
+    _rows_kernel[(triton.cdiv(m, block_m),)](
+        x, q, scale, amax, abssum, m, k, x.stride(0), q.stride(0), torch.finfo(x.dtype).max,
+        FP8=fp8, BLOCK_M=block_m, BLOCK_K=block_k, ONE_CHUNK=one, num_warps=warps, **NO_FMA,
+    )
+    return (q.view(torch.float8_e4m3fn) if fp8 else q), scale, amax, abssum
 
 
 def quantize_int8_rows(x: torch.Tensor):
     """x [M, K] (bf16/fp16/fp32) -> (codes int8 [M, K], scale fp32 [M, 1], row amax [M], row sum|x| [M])."""
-    assert x.dim() == 2 and x.stride(1) == 1
-    m, k = x.shape
-    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
-    scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
-    amax = torch.empty((m,), dtype=torch.float32, device=x.device)
-    abssum = torch.empty((m,), dtype=torch.float32, device=x.device)
-    block_m, block_k, warps = _row_tiling(k)
-    _int8_rows_kernel[(triton.cdiv(m, block_m),)](
-        x, q, scale, amax, abssum, m, k, x.stride(0), q.stride(0), torch.finfo(x.dtype).max,
-        BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps, **NO_FMA,
-    )
-    return q, scale, amax, abssum
+    return _quantize_rows(x, False)
+
+
+def quantize_fp8_rows(x: torch.Tensor):
+    """x [M, K] -> (float8_e4m3fn codes [M, K], scale fp32 [M, 1], row amax, row sum|x|); the
+    codes and scale equal ``formats.quantize_fp8_rows`` bit for bit."""
+    return _quantize_rows(x, True)
 
 
 @triton.jit
 def _row_stats_kernel(x_ptr, amax_ptr, abssum_ptr, M, K, stride_xm, limit, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_K)
-    mask = (rows[:, None] < M) & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    a = tl.abs(x)
-    a = tl.where(is_nan(a), 0.0, tl.minimum(a, limit))
-    tl.store(amax_ptr + rows, tl.max(a, axis=1), mask=rows < M)
-    tl.store(abssum_ptr + rows, tl.sum(a, axis=1), mask=rows < M)
+    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    abssum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        mask = (rows[:, None] < M) & (cols[None, :] < K)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        a = tl.abs(x)
+        a = tl.where(is_nan(a), 0.0, tl.minimum(a, limit))
+        amax = tl.maximum(amax, tl.max(a, axis=1))
+        abssum += tl.sum(a, axis=1)
+    tl.store(amax_ptr + rows, amax, mask=rows < M)
+    tl.store(abssum_ptr + rows, abssum, mask=rows < M)
 
 
 @triton.jit
@@ -81,8 +147,9 @@ def _nvfp4_values_kernel(
     x_ptr, out_ptr, ts_ptr, M, K, stride_xm, stride_om, limit,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # every 16-element block is independent given the tensor scale: a 2-D grid of row x chunk tiles
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_K)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (rows[:, None] < M) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     x = tl.where(x > limit, limit, tl.where(x < -limit, -limit, x))
@@ -110,7 +177,7 @@ def row_stats(x: torch.Tensor):
     m, k = x.shape
     amax = torch.empty((m,), dtype=torch.float32, device=x.device)
     abssum = torch.empty((m,), dtype=torch.float32, device=x.device)
-    block_m, block_k, warps = _row_tiling(k)
+    block_m, block_k, warps, _ = _row_tiling(k)
     _row_stats_kernel[(triton.cdiv(m, block_m),)](
         x, amax, abssum, m, k, x.stride(0), torch.finfo(x.dtype).max, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps
     )
@@ -127,8 +194,8 @@ def quantize_nvfp4_values(x: torch.Tensor, out_dtype: torch.dtype = torch.bfloat
     amax, abssum = row_stats(x)
     ts = div_exact(amax.max() if m else amax.new_zeros(()), _F8_MAX * _F4_MAX)
     out = torch.empty((m, k), dtype=out_dtype, device=x.device)
-    block_m, block_k, warps = _row_tiling(k)
-    _nvfp4_values_kernel[(triton.cdiv(m, block_m),)](
+    block_m, block_k, warps, _ = _row_tiling(k)
+    _nvfp4_values_kernel[(triton.cdiv(m, block_m), triton.cdiv(k, block_k))](
         x, out, ts, m, k, x.stride(0), out.stride(0), torch.finfo(x.dtype).max,
         BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps, **NO_FMA,
     )

@@ -5,7 +5,8 @@ Decoding reads 0.56 B and writes 1 B (INT8) or 2 B (bf16) per weight: at the tok
 of video DiTs (tens of thousands) that is 1-2 % of the GEMM's time, measured in
 docs/benchmarks.md, against +1 B per weight resident for a cached INT8 copy.
 
-Spec: ``formats.nvfp4_to_int8`` (INT8 route) and ``formats.nvfp4_block_values`` (values).
+Spec: ``formats.nvfp4_to_int8`` (INT8 route), ``formats.nvfp4_to_fp8`` (FP8 route) and
+``formats.nvfp4_block_values`` (values).
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import NO_FMA, e2m1_decode, int8_rows, next_pow2
+from ._common import NO_FMA, e2m1_decode, fp8_rows, int8_rows, next_pow2
 
 
 @triton.jit
 def _decode_kernel(
     packed_ptr, scales_ptr, ts_ptr, out_ptr, ch_scale_ptr, N, KP,
-    TO_INT8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     half = tl.arange(0, BLOCK_K // 2)
@@ -34,24 +35,27 @@ def _decode_kernel(
     vals = tl.reshape(tl.reshape(e2m1_decode(codes), (BLOCK_N, BLOCK_K // 16, 16)) * s[:, :, None], (BLOCK_N, BLOCK_K))
     cols = tl.arange(0, BLOCK_K)
     omask = (rows[:, None] < N) & (cols[None, :] < KP)
-    if TO_INT8:
+    if TO != 0:  # per-channel INT8 (1) or FP8 e4m3 (2) of the dequantized weight
         w = vals * tl.load(ts_ptr)
         lim = 3.4028234663852886e38
         w = tl.minimum(tl.maximum(w, -lim), lim)
-        q, scale, _, _ = int8_rows(w)
-        tl.store(out_ptr + rows[:, None] * KP + cols[None, :], q.to(tl.int8), mask=omask)
+        if TO == 1:
+            q, scale, _, _ = int8_rows(w)
+        else:
+            q, scale = fp8_rows(w)
+        tl.store(out_ptr + rows[:, None] * KP + cols[None, :], q.to(out_ptr.dtype.element_ty), mask=omask)
         tl.store(ch_scale_ptr + rows, scale, mask=rows < N)
     else:
         tl.store(out_ptr + rows[:, None] * KP + cols[None, :], vals.to(out_ptr.dtype.element_ty), mask=omask)
 
 
-def _launch(packed, block_scales_bits, tensor_scale, out, ch_scale, to_int8):
+def _launch(packed, block_scales_bits, tensor_scale, out, ch_scale, to):
     n, kp = packed.shape[0], packed.shape[1] * 2
     block_k = next_pow2(kp)
     block_n = max(1, min(32, 4096 // block_k))
     _decode_kernel[(triton.cdiv(n, block_n),)](
         packed, block_scales_bits, tensor_scale, out, ch_scale, n, kp,
-        TO_INT8=to_int8, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4 if block_k * block_n <= 4096 else 8, **NO_FMA,
+        TO=to, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4 if block_k * block_n <= 4096 else 8, **NO_FMA,
     )
 
 
@@ -60,13 +64,22 @@ def decode_nvfp4_to_int8(packed, block_scales_bits, tensor_scale):
     n, kp = packed.shape[0], packed.shape[1] * 2
     out = torch.empty((n, kp), dtype=torch.int8, device=packed.device)
     scale = torch.empty((n, 1), dtype=torch.float32, device=packed.device)
-    _launch(packed, block_scales_bits, tensor_scale, out, scale, True)
+    _launch(packed, block_scales_bits, tensor_scale, out, scale, 1)
     return out, scale
+
+
+def decode_nvfp4_to_fp8(packed, block_scales_bits, tensor_scale):
+    """-> (float8_e4m3fn [N, Kp], per-channel scale fp32 [N, 1]); equals formats.nvfp4_to_fp8."""
+    n, kp = packed.shape[0], packed.shape[1] * 2
+    out = torch.empty((n, kp), dtype=torch.uint8, device=packed.device)
+    scale = torch.empty((n, 1), dtype=torch.float32, device=packed.device)
+    _launch(packed, block_scales_bits, tensor_scale, out, scale, 2)
+    return out.view(torch.float8_e4m3fn), scale
 
 
 def decode_nvfp4_values(packed, block_scales_bits, dtype=torch.bfloat16):
     """-> e2m1 * e4m3 block values [N, Kp] (exact in bf16); equals formats.nvfp4_block_values."""
     n, kp = packed.shape[0], packed.shape[1] * 2
     out = torch.empty((n, kp), dtype=dtype, device=packed.device)
-    _launch(packed, block_scales_bits, packed, out, out, False)  # ts / ch_scale unused
+    _launch(packed, block_scales_bits, packed, out, out, 0)  # ts / ch_scale unused
     return out

@@ -1,0 +1,259 @@
+"""One Wan2.1 transformer block, computed four ways (codegen issue): fused sixbit, unfused sixbit,
+Inductor bf16, eager bf16.
+
+The model is the diffusers ``WanTransformer3DModel`` architecture (1.3B or 14B config, random
+bf16 weights) cut to two blocks, at 480×832, 81 frames (32,760 tokens), text 512. The two
+blocks run as one module (``Blocks``: sixbit's ``find_blocks`` wants a group of at least two),
+fed the inputs the first block receives in a real forward; the time per block is half of it.
+
+Reported per mode, all in one process on one card:
+
+* time per block (CUDA-event medians of ``triton.testing.do_bench``) and its ratio to Inductor;
+* the non-attention part: the block's time minus its two attentions, which are timed alone
+  (the same ``F.scaled_dot_product_attention`` calls on the block's q/k/v shapes; every mode
+  runs the same SDPA kernels);
+* fidelity of the block output to eager bf16 (relative L2);
+* HBM bytes: the minimum a block must move (weights once in their stored format, the block's
+  input and output, the text states, attention's q/k/v/o) and, with ``--ncu`` runs (see the
+  command below), what ``ncu`` measured (``dram__bytes_read/write.sum``).
+
+    python benchmarks/block.py --model 14b [--modes eager,inductor,sixbit,sixbit_fused] [--ncu]
+
+``--ncu`` then runs each mode once more in a child process under Nsight Compute
+(``ncu --profile-from-start off``, one profiled forward) and sums ``dram__bytes_read.sum`` and
+``dram__bytes_write.sum`` over its kernels.
+
+Writes ``block_<model>.json`` to $OUT (or ./out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from e2e import TINY_WAN, WAN_1_3B, WAN_14B, build  # noqa: E402
+
+#: name: (config, latent [C, F, H, W], text tokens); "tiny" is the CPU smoke test's
+MODELS = {"1.3b": (WAN_1_3B, (16, 21, 60, 104), 512), "14b": (WAN_14B, (16, 21, 60, 104), 512),
+          "tiny": (TINY_WAN, (16, 3, 8, 8), 16)}
+MODES = {
+    "eager": None,
+    "inductor": {},
+    "sixbit": {"activation": "int8"},
+    "sixbit_fused": {"activation": "int8", "codegen": True},
+}
+
+
+class Blocks(torch.nn.Module):
+    """The first two blocks of a Wan transformer, called as the model calls them."""
+
+    def __init__(self, blocks):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(blocks)
+
+    def forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
+        for block in self.blocks:
+            hidden_states = block(hidden_states, encoder_hidden_states, temb, rotary_emb)
+        return hidden_states
+
+
+def block_inputs(model_name, device):
+    """The model cut to two blocks, and the arguments its first block receives."""
+    config, latent, text_tokens = MODELS[model_name]
+    model = build("wan", dict(config, num_layers=2), device)
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["args"], seen["kwargs"] = args, kwargs
+
+    handle = model.blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, *latent, generator=g).to(device, torch.bfloat16)
+    text = torch.randn(1, text_tokens, config["text_dim"], generator=g).to(device, torch.bfloat16)
+    with torch.no_grad():
+        model(hidden_states=x, timestep=torch.tensor([500.0], device=device), encoder_hidden_states=text,
+              return_dict=False)
+    handle.remove()
+    args = list(seen["args"])
+    names = ["hidden_states", "encoder_hidden_states", "temb", "rotary_emb"]
+    for name in names[len(args):]:
+        args.append(seen["kwargs"][name])
+    return Blocks(list(model.blocks)), tuple(args)
+
+
+def minimum_bytes(config, tokens, text, weight_bytes_per_param):
+    """HBM bytes one block cannot avoid: weights once, its input and output, the text states,
+    and the attentions' q, k, v read and output written (attention is its own kernel)."""
+    d, ffn = config["num_attention_heads"] * config["attention_head_dim"], config["ffn_dim"]
+    params = 4 * d * d + 4 * d * d + 2 * d * ffn  # self-attn, cross-attn (q, k, v, o), FFN
+    act = 2  # bf16
+    io = 2 * tokens * d * act + text * d * act
+    attention = 4 * tokens * d * act + 2 * tokens * d * act + 2 * text * d * act
+    return params * weight_bytes_per_param + io + attention
+
+
+def attention_time(config, tokens, text, device, bench):
+    """Self- and cross-attention of one block, as the block calls SDPA (bf16, [B, H, S, D])."""
+    h, hd = config["num_attention_heads"], config["attention_head_dim"]
+    q = torch.randn(1, h, tokens, hd, device=device, dtype=torch.bfloat16)
+    kv = torch.randn(1, h, text, hd, device=device, dtype=torch.bfloat16)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    return bench(lambda: sdpa(q, q, q)) + bench(lambda: sdpa(q, kv, kv))
+
+
+def compiled(mode, blocks):
+    options = MODES[mode]
+    if options is None:
+        return blocks
+    if mode == "inductor":
+        return torch.compile(blocks)
+    # a copy per sixbit mode: sixbit quantizes the module's weights and frees the bf16 ones
+    return torch.compile(copy.deepcopy(blocks), backend="sixbit", options=options)
+
+
+def ncu_child(args):
+    """One profiled forward (cudaProfilerStart/Stop around it) for ``ncu --profile-from-start off``."""
+    blocks, inputs = block_inputs(args.model, "cuda")
+    fn = compiled(args.ncu_child, blocks)
+    with torch.no_grad():
+        for _ in range(2):  # compile, autotune, warm
+            fn(*inputs)
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStart()
+        fn(*inputs)
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStop()
+
+
+_UNITS = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "Tbyte": 1e12,
+          "KB": 1e3, "MB": 1e6, "GB": 1e9, "B": 1}
+
+
+def ncu_bytes(model: str, mode: str, timeout: int) -> dict:
+    """HBM bytes read and written by one forward of ``mode`` (two blocks), per Nsight Compute."""
+    import csv
+    import io
+    import subprocess
+
+    cmd = ["ncu", "--profile-from-start", "off", "--clock-control", "none", "--csv",
+           "--metrics", "dram__bytes_read.sum,dram__bytes_write.sum",
+           sys.executable, os.path.abspath(__file__), "--model", model, "--ncu-child", mode]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    lines = [line for line in done.stdout.splitlines() if line.startswith('"')]
+    if not lines:
+        return {"error": f"ncu printed no metrics (rc {done.returncode}): {done.stderr[-500:]}"}
+    total = {"dram__bytes_read.sum": 0.0, "dram__bytes_write.sum": 0.0}
+    kernels = set()
+    for row in csv.DictReader(io.StringIO("\n".join(lines))):
+        name = row.get("Metric Name")
+        if name in total:
+            value = float(row["Metric Value"].replace(",", ""))
+            total[name] += value * _UNITS.get(row.get("Metric Unit", "byte"), 1)
+            kernels.add(row.get("ID"))
+    return {"read": total["dram__bytes_read.sum"] / 2, "written": total["dram__bytes_write.sum"] / 2,
+            "kernels_per_block": len(kernels) / 2}
+
+
+def cpu_bench(fn, repeats=3):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=list(MODELS), default="14b")
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--ncu", action="store_true", help="also measure HBM bytes per mode with Nsight Compute")
+    ap.add_argument("--ncu-timeout", type=int, default=240)
+    ap.add_argument("--ncu-child", choices=list(MODES), help="(internal) one profiled forward of this mode")
+    args = ap.parse_args(argv)
+    if args.ncu_child:
+        return ncu_child(args)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        def bench(fn):
+            return do_bench(fn, warmup=5, rep=50, return_mode="median") * 1e-3
+    else:
+        bench = cpu_bench
+
+    out_dir = os.environ.get("OUT", "out")
+    os.makedirs(out_dir, exist_ok=True)
+    config, latent, text = MODELS[args.model]
+    tokens = latent[1] * (latent[2] // 2) * (latent[3] // 2)
+    import diffusers
+    import triton
+
+    res = {"card": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__, "triton": triton.__version__,
+           "diffusers": diffusers.__version__, "date": time.strftime("%Y-%m-%d"), "model": args.model,
+           "tokens": tokens, "sdpa_backend_note": "default F.scaled_dot_product_attention dispatch", "modes": {}}
+    path = os.path.join(out_dir, f"block_{args.model}.json")
+
+    def save():
+        with open(path, "w") as f:
+            json.dump(res, f, indent=1)
+
+    blocks, inputs = block_inputs(args.model, device)
+    res["attention_s"] = attention_time(config, tokens, text, device, bench)
+    res["min_bytes_bf16"] = minimum_bytes(config, tokens, text, 2.0)
+    res["min_bytes_nvfp4"] = minimum_bytes(config, tokens, text, 0.5625)
+    with torch.no_grad():
+        reference = blocks(*inputs).float()
+    for mode in args.modes.split(","):
+        torch._dynamo.reset()
+        entry = res["modes"].setdefault(mode, {})
+        try:
+            fn = compiled(mode, blocks)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                out = fn(*inputs)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                entry["first_call_s"] = time.perf_counter() - t0
+                entry["block_s"] = bench(lambda: fn(*inputs)) / 2
+                if device == "cuda":
+                    entry["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            entry["non_attention_s"] = entry["block_s"] - res["attention_s"]
+            entry["rel_l2_vs_eager"] = float((out.float() - reference).norm() / reference.norm())
+            del out
+        except Exception as exc:  # recorded; the other modes still run
+            entry["error"] = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+        print(mode, entry, flush=True)
+        save()
+    del blocks, inputs, reference
+    torch.cuda.empty_cache() if device == "cuda" else None
+    if args.ncu:
+        for mode, entry in res["modes"].items():
+            try:
+                entry["hbm_bytes_measured"] = ncu_bytes(args.model, mode, args.ncu_timeout)
+            except Exception as exc:
+                entry["hbm_bytes_measured"] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(mode, "ncu", entry["hbm_bytes_measured"], flush=True)
+            save()
+    base = res["modes"].get("inductor", {})
+    for mode, entry in res["modes"].items():
+        if "block_s" in entry and "block_s" in base:
+            entry["speedup_vs_inductor"] = base["block_s"] / entry["block_s"]
+            entry["non_attention_speedup_vs_inductor"] = base["non_attention_s"] / entry["non_attention_s"]
+    save()
+    print(json.dumps(res, indent=1))
+    return res
+
+
+if __name__ == "__main__":
+    main()
