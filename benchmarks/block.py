@@ -162,6 +162,23 @@ def ncu_bytes(model: str, mode: str, timeout: int) -> dict:
             "kernels_per_block": len(kernels) / 2}
 
 
+def top_kernels(call, count=25):
+    """The GPU kernels of one call (two blocks) by total time: [name, µs per block, launches]."""
+    from torch.profiler import ProfilerActivity, profile
+
+    call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0:
+            rows.append([e.key[:90], round(t / 2, 1), e.count / 2])
+    return sorted(rows, key=lambda r: -r[1])[:count]
+
+
 def cpu_bench(fn, repeats=3):
     times = []
     for _ in range(repeats):
@@ -176,6 +193,7 @@ def main(argv=None):
     ap.add_argument("--model", choices=list(MODELS), default="14b")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--ncu", action="store_true", help="also measure HBM bytes per mode with Nsight Compute")
+    ap.add_argument("--profile", action="store_true", help="record each mode's top kernels (torch.profiler)")
     ap.add_argument("--ncu-timeout", type=int, default=240)
     ap.add_argument("--ncu-child", choices=list(MODES), help="(internal) one profiled forward of this mode")
     args = ap.parse_args(argv)
@@ -223,10 +241,14 @@ def main(argv=None):
                 if device == "cuda":
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
+                    resident = torch.cuda.memory_allocated()
                 entry["first_call_s"] = time.perf_counter() - t0
                 entry["block_s"] = bench(lambda: fn(*inputs)) / 2
                 if device == "cuda":
-                    entry["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+                    # what one call adds on top of what is resident (every mode's weights, inputs)
+                    entry["activation_peak_gb"] = (torch.cuda.max_memory_allocated() - resident) / 1e9
+                    if args.profile:
+                        entry["top_kernels"] = top_kernels(lambda: fn(*inputs))
             entry["non_attention_s"] = entry["block_s"] - res["attention_s"]
             entry["rel_l2_vs_eager"] = float((out.float() - reference).norm() / reference.norm())
             del out

@@ -9,7 +9,8 @@ GEMM output and every intermediate of the chain never reach HBM.
 
 Numerics: the tile is rounded to the GEMM node's dtype first and each op after it to its
 node's dtype, exactly where eager rounds, so the fused kernel computes what the unfused INT8
-path computes (the GEMM's bf16 output, then the chain).
+path computes (the GEMM's bf16 output, then the chain). Kernels launch with FMA contraction
+off, so that ``a * b + c`` rounds twice on the GPU as two PyTorch ops do.
 
 Indexing: the output is the GEMM's [*lead, N] (contiguous); the tile covers rows ``row`` of the
 flattened leading dims and columns ``col``. Each extra input (the residual, a gate broadcast
@@ -84,19 +85,24 @@ def emit_gemm_epilogue(gemm: fx.Node, chain: list[fx.Node], name: str = "sixbit_
         "@triton.autotune(configs=configs(int8=True), key=AUTOTUNE_KEY, **autotune_kwargs())",
         "@triton.jit",
         f"def {name}(a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, {pointers}out_ptr, M, N, K, M_BUCKET, "
-        f"stride_am, stride_bn, {size_args}{stride_args}HAS_BIAS: tl.constexpr, INT_ACC: tl.constexpr, UPCAST: tl.constexpr, "
+        f"stride_am, stride_bn, {size_args}{stride_args}{''.join(f'SAME{j}: tl.constexpr, ' for j in range(len(extras)))}"
+        "INDEX_64: tl.constexpr, HAS_BIAS: tl.constexpr, INT_ACC: tl.constexpr, UPCAST: tl.constexpr, "
         "BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):",
         "    # the kernel issue's GEMM: INT8 (int32 accumulation) or FP8, per-token x per-channel scales, bias",
         "    c, rm, rn = scaled_tile(a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, stride_am, stride_bn,",
         "                            True, True, HAS_BIAS, INT_ACC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)",
         "    mask = (rm[:, None] < M) & (rn[None, :] < N)",
-        "    row = rm[:, None].to(tl.int64)",
-        "    col = rn[None, :].to(tl.int64)",
+        "    # SAMEj: input j is laid out as the output (offset row * N + col); INDEX_64: offsets may pass 2**31",
+        "    row = rm[:, None].to(tl.int64) if INDEX_64 else rm[:, None]",
+        "    col = rn[None, :].to(tl.int64) if INDEX_64 else rn[None, :]",
         f"    g = {rounded('c', value_dtype(gemm))}  # {gemm.name}",
     ]
     for j, (a, off) in enumerate(zip(extras, offsets)):
-        lines.append(f"    in{j} = tl.load(in{j}_ptr + {print_index(sympy.expand(off))}, mask=mask, "
-                     f"other=0.0).to(tl.float32)  # {a.name}")
+        lines += [f"    if SAME{j}:",
+                  f"        off{j} = row * N + col",
+                  "    else:",
+                  f"        off{j} = {print_index(sympy.expand(off))}",
+                  f"    in{j} = tl.load(in{j}_ptr + off{j}, mask=mask, other=0.0).to(tl.float32)  # {a.name}"]
     for k, n in enumerate(chain):
         dtype = value_dtype(n)
         if dtype not in TL_DTYPES:
@@ -121,6 +127,7 @@ def run_gemm_epilogue(kernel: GemmEpilogueKernel, xq, xs, wq, ws, bias, extras, 
     import triton
 
     from sixbit_compiler.kernels import interpreting
+    from sixbit_compiler.kernels._common import NO_FMA
     from sixbit_compiler.kernels.gemm import m_bucket
 
     int8 = xq.dtype == torch.int8
@@ -134,10 +141,13 @@ def run_gemm_epilogue(kernel: GemmEpilogueKernel, xq, xs, wq, ws, bias, extras, 
     if out.numel() == 0:
         return out
     strides = [s for v in views for s in v.stride()]
+    same = {f"SAME{j}": v.stride() == out.stride() for j, v in enumerate(views)}
+    reach = max([out.numel()] + [sum((d - 1) * abs(s) for d, s in zip(shape, v.stride())) + 1 for v in views])
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     load_kernel(kernel)[grid](
         xq, wq, xs.reshape(-1), ws.reshape(-1), bias if bias is not None else out, *views, out,
-        m, n, k, m_bucket(m), xq.stride(0), wq.stride(0), *shape, *strides, HAS_BIAS=bias is not None,
-        INT_ACC=int8, UPCAST=interpreting() and not int8,
+        m, n, k, m_bucket(m), xq.stride(0), wq.stride(0), *shape, *strides, **same,
+        INDEX_64=reach + 256 * n >= 2**31, HAS_BIAS=bias is not None,
+        INT_ACC=int8, UPCAST=interpreting() and not int8, **NO_FMA,
     )
     return out

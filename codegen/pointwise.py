@@ -289,19 +289,26 @@ def emit_pointwise(nodes: list[fx.Node], name: str = "sixbit_pointwise") -> Poin
         *ROUND_BF16_SOURCE,
         "@triton.jit",
         f"def {name}({', '.join(f'in{j}_ptr' for j in range(len(inputs)))}, out_ptr, n_elements, "
-        f"{size_args}{', ' if size_args else ''}{stride_args}{', ' if stride_args else ''}BLOCK: tl.constexpr):",
+        f"{size_args}{', ' if size_args else ''}{stride_args}{', ' if stride_args else ''}"
+        f"{''.join(f'SAME{j}: tl.constexpr, ' for j in range(len(inputs)))}INDEX_64: tl.constexpr, BLOCK: tl.constexpr):",
+        "    # SAMEj: input j is laid out as the output (read at i, no index arithmetic);",
+        "    # INDEX_64: offsets may pass 2**31 (else 32-bit index arithmetic, much cheaper)",
+        "    pid = tl.program_id(0).to(tl.int64) if INDEX_64 else tl.program_id(0)",
     ]
     rows = any(is_row_norm(n) for n in nodes)
     if rows:
         lines += ["    cols = tl.arange(0, BLOCK)",
-                  f"    i = tl.program_id(0).to(tl.int64) * size{rank - 1} + cols",
+                  f"    i = pid * size{rank - 1} + cols",
                   f"    mask = cols < size{rank - 1}"]
     else:
-        lines += ["    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)",
+        lines += ["    i = pid * BLOCK + tl.arange(0, BLOCK)",
                   "    mask = i < n_elements"]
     for j, (a, off) in enumerate(zip(inputs, offsets)):
-        lines.append(f"    in{j} = tl.load(in{j}_ptr + {print_index(sympy.expand(off)) if rank else '0'}, mask=mask, "
-                     f"other=0.0).to(tl.float32)  # {a.name}")
+        lines += [f"    if SAME{j}:",
+                  f"        off{j} = i",
+                  "    else:",
+                  f"        off{j} = {print_index(sympy.expand(off)) if rank else '0'}",
+                  f"    in{j} = tl.load(in{j}_ptr + off{j}, mask=mask, other=0.0).to(tl.float32)  # {a.name}"]
     for k, n in enumerate(nodes):
         dtype = value_dtype(n)
         if dtype not in TL_DTYPES:
@@ -362,11 +369,17 @@ def run_pointwise(kernel: PointwiseKernel, *tensors: torch.Tensor, block: int = 
         return out
     fn = load_kernel(kernel)
     strides = [s for v in views for s in v.stride()]
+    same = {f"SAME{j}": v.stride() == out.stride() for j, v in enumerate(views)}
+    reach = max([n] + [sum((d - 1) * abs(s) for d, s in zip(shape, v.stride())) + 1 for v in views])
+    warps = 4
     if kernel.rows:  # one program per row, the row in one tile
         import triton
 
         grid, block = (n // shape[-1],), triton.next_power_of_2(shape[-1])
+        warps = 4 if block <= 2048 else 8 if block <= 8192 else 16  # <= 64 fp32 values a thread
     else:
         grid = (-(-n // block),)
-    fn[grid](*views, out, n, *shape, *strides, BLOCK=block)
+    # FMA contraction off: a * b + c rounds twice, as the two eager ops it replaces do
+    fn[grid](*views, out, n, *shape, *strides, **same, INDEX_64=reach + block >= 2**31, BLOCK=block,
+             num_warps=warps, enable_fp_fusion=False)
     return out

@@ -10,6 +10,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 # kernel is defined, i.e. before sixbit_compiler.kernels is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# On a GPU: one GEMM tile per kernel instead of autotuning seven at every small test shape.
+os.environ.setdefault("SIXBIT_GEMM_AUTOTUNE", "0")
 
 
 @pytest.fixture(autouse=True)

@@ -184,5 +184,7 @@ def test_linear_epilogue_takes_the_fused_kernel_for_one_byte_precisions(monkeypa
         slots = torch.tensor([int(precision)], dtype=torch.int8)
         got = linear_epilogue(x, *w, None, slots, 0, 64, False, kernel.key, extras)
         want = fn(quantized_linear(x, *w, None, slots, 0, 64, False), r, s)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        # FP8 on a GPU: the two GEMMs may promote Hopper's ~14-bit MMA accumulation differently
+        tol = 1e-3 if precision == Precision.FP8 and DEV == "cuda" else 1e-5
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     assert len(calls) == 2  # the INT8 and FP8 calls

@@ -143,7 +143,9 @@ def test_fp8_gemm_exact_products(m, n, k):
     bias = torch.randn(n, generator=g)
     c = scaled_gemm(a.to(DEV), b.to(DEV), sa.to(DEV), sb.to(DEV), bias.to(DEV), torch.float32)
     ref = (a.double() @ b.double().t()) * sa.double() * sb.double().t() + bias.double()
-    assert c.shape == (m, n) and rel_err(c.cpu(), ref) < 1e-6
+    # exact products; fp32 accumulation (interpreter), or on Hopper ~14-bit accumulation inside
+    # each 128-wide K step, promoted into fp32 between steps
+    assert c.shape == (m, n) and rel_err(c.cpu(), ref) < (1e-6 if DEV == "cpu" else 2e-4)
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
@@ -191,6 +193,8 @@ def test_dispatch_matches_reference_op(precision, dtype, hadamard, float_gemm):
     assert got.dtype == dtype and got.shape == ref.shape
     assert torch.equal(got.isnan(), ref.isnan()) and got[0, 3].isnan().all()
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    if precision == Precision.FP8 and DEV == "cuda":
+        tol = max(tol, 1e-3)  # Hopper's FP8 MMA accumulates ~14 mantissa bits between promotions
     if float_gemm == "cublas" and precision != Precision.INT8:
         tol = max(tol, 8e-3)  # the product is rounded to bf16 before the tensor scales
     assert rel_err(got.nan_to_num(0), ref.nan_to_num(0)) < tol

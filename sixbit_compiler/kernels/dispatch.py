@@ -129,7 +129,13 @@ def quantized_linear(
     x, w_packed, w_block_scales_bits, w_tensor_scale, bias, precision: Precision, in_features: int, hadamard: bool,
     float_gemm: str | None = None,
 ):
-    """Kernel path; returns None (after logging once) for a case the kernels do not take."""
+    """Kernel path; returns None (after logging once) for a case the kernels do not take.
+
+    ``float_gemm`` picks the GEMM of the float tiers ("cublas" / "triton"); by default cuBLAS
+    for NVFP4 / bf16 and the Triton template for FP8, the faster of each pair on the H200
+    (docs/benchmarks.md: the template fuses bias and cast, cuBLAS FP8 adds them after).
+    """
+    fp8_gemm = float_gemm or "triton"
     float_gemm = float_gemm or default_float_gemm()
     reason = unsupported_reason(x, precision)
     if reason is not None:
@@ -150,7 +156,7 @@ def quantized_linear(
         wv = decode_nvfp4_values(w_packed, w_block_scales_bits, x2d.dtype)
         out = float_scaled_gemm(x2d, wv, w_tensor_scale, bias, out_dtype, float_gemm)
     elif precision == Precision.FP8:
-        out = fp8_linear(x2d, w_packed, w_block_scales_bits, w_tensor_scale, bias, out_dtype, float_gemm)
+        out = fp8_linear(x2d, w_packed, w_block_scales_bits, w_tensor_scale, bias, out_dtype, fp8_gemm)
     else:
         log_fallback_once(f"precision {precision!r}")
         return None

@@ -20,13 +20,19 @@ generated epilogue on the tile first: one GEMM main loop, used by both.
 from __future__ import annotations
 
 import inspect
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 from . import interpreting
-from ._common import next_pow2
+from ._common import NO_FMA, next_pow2
+
+
+#: Set SIXBIT_GEMM_AUTOTUNE=0 to skip autotuning (one good Hopper tile): tests at small shapes
+#: then compile one config per kernel instead of seven.
+AUTOTUNE_ENV = "SIXBIT_GEMM_AUTOTUNE"
 
 
 def configs(int8: bool):
@@ -35,6 +41,8 @@ def configs(int8: bool):
     if interpreting():  # the interpreter is slow with small blocks; one big tile
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=1)]
     bk = 128 if int8 else 64
+    if os.environ.get(AUTOTUNE_ENV, "1") == "0":
+        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=8, num_stages=3)]
     shapes = [(128, 256, bk, 8, 3), (256, 128, bk, 8, 3), (128, 128, bk, 8, 4), (128, 128, bk, 4, 4), (128, 256, bk // 2, 8, 4)]
     if int8:  # deeper pipelines: an int8 stage of 256x128x128 is 48 KB of shared memory
         shapes += [(256, 128, bk, 8, 4), (128, 256, bk, 8, 4)]
@@ -99,13 +107,18 @@ def scaled_tile(
         if UPCAST:  # the interpreter's bf16 dot is wrong (and it cannot fill fp8 with 0): fp32 there
             a = tl.where(kmask, tl.load(a_ptrs, mask=kmask).to(tl.float32), 0.0)
             b = tl.where(kmask, tl.load(b_ptrs, mask=kmask).to(tl.float32), 0.0)
-        else:
+        elif INT_ACC:
             a = tl.load(a_ptrs, mask=kmask, other=0)
             b = tl.load(b_ptrs, mask=kmask, other=0)
+        else:  # bf16 / fp8: a float zero (Triton casts no integer to fp8)
+            a = tl.load(a_ptrs, mask=kmask, other=0.0)
+            b = tl.load(b_ptrs, mask=kmask, other=0.0)
         if INT_ACC:
             acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
         else:
-            acc = tl.dot(a, tl.trans(b), acc)
+            # FP8 on Hopper: the MMA keeps ~14 mantissa bits while it accumulates; promote into
+            # the fp32 accumulator once per BLOCK_K (DeepSeek-V3's recipe). Ignored for bf16.
+            acc = tl.dot(a, tl.trans(b), acc, max_num_imprecise_acc=BLOCK_K)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
 
@@ -161,5 +174,6 @@ def scaled_gemm(a, b, a_scale, b_scale, bias=None, out_dtype=torch.bfloat16):
         m, n, k, m_bucket(m), a.stride(0), b.stride(0), out.stride(0),
         A_ROWWISE=a_scale.dim() == 1, B_COLWISE=b_scale.dim() == 1, HAS_BIAS=bias is not None,
         INT_ACC=int8, UPCAST=interpreting() and not int8,  # fp8 and bf16 dots: fp32 in the interpreter
+        **NO_FMA,  # the epilogue rounds as separate PyTorch ops would (scale, scale, bias)
     )
     return out
