@@ -25,7 +25,6 @@ bf16 run ``sixbit::quantized_linear`` and then the same chain as a standalone po
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 
 import sympy
 import torch
@@ -33,7 +32,7 @@ import torch.fx as fx
 
 from .pointwise import (
     ROUND_BF16_SOURCE, TL_DTYPES, PointwiseKernel, Unsupported, _coordinates, _rank, data_inputs, emit_pointwise,
-    expression, input_offsets, is_row_norm, load_kernel, print_index, rounded, value_dtype,
+    expression, input_offsets, is_row_norm, load_kernel, named_source, print_index, rounded, value_dtype,
 )
 
 
@@ -47,13 +46,10 @@ class GemmEpilogueKernel:
     output_dtype: torch.dtype
     rank: int
     alone: PointwiseKernel  # the chain by itself, reading the GEMM's output (non-INT8 calls)
-
-    @property
-    def key(self) -> str:
-        return hashlib.sha256(self.source.encode()).hexdigest()[:16]
+    key: str = ""  # hash of the source without comments (pointwise.named_source)
 
 
-def emit_gemm_epilogue(gemm: fx.Node, chain: list[fx.Node], name: str = "sixbit_gemm") -> GemmEpilogueKernel:
+def emit_gemm_epilogue(gemm: fx.Node, chain: list[fx.Node], prefix: str = "gemm_epilogue") -> GemmEpilogueKernel:
     """Triton source of an INT8 GEMM whose output feeds ``chain`` (graph order, elementwise),
     computing ``chain[-1]``. Raises :class:`Unsupported` for an op with no translation or a
     chain whose output is not the GEMM's shape."""
@@ -84,7 +80,7 @@ def emit_gemm_epilogue(gemm: fx.Node, chain: list[fx.Node], name: str = "sixbit_
         *ROUND_BF16_SOURCE,
         "@triton.autotune(configs=configs(int8=True), key=AUTOTUNE_KEY, **autotune_kwargs())",
         "@triton.jit",
-        f"def {name}(a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, {pointers}out_ptr, M, N, K, M_BUCKET, "
+        f"def KERNEL(a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, {pointers}out_ptr, M, N, K, M_BUCKET, "
         f"stride_am, stride_bn, {size_args}{stride_args}{''.join(f'SAME{j}: tl.constexpr, ' for j in range(len(extras)))}"
         "INDEX_64: tl.constexpr, HAS_BIAS: tl.constexpr, INT_ACC: tl.constexpr, UPCAST: tl.constexpr, "
         "BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):",
@@ -111,9 +107,10 @@ def emit_gemm_epilogue(gemm: fx.Node, chain: list[fx.Node], name: str = "sixbit_
         var[n] = f"v{k}"
     out_dtype = value_dtype(chain[-1])
     lines.append(f"    tl.store(out_ptr + row * N + col, v{len(chain) - 1}.to({TL_DTYPES[out_dtype]}), mask=mask)")
-    alone = emit_pointwise(chain, name=f"{name}_alone")
-    return GemmEpilogueKernel(name, "\n".join(lines) + "\n", gemm.name, [a.name for a in extras], chain[-1].name,
-                              out_dtype, rank, alone)
+    alone = emit_pointwise(chain, prefix="epilogue")
+    name, source, key = named_source(prefix, lines)
+    return GemmEpilogueKernel(name, source, gemm.name, [a.name for a in extras], chain[-1].name, out_dtype, rank,
+                              alone, key)
 
 
 #: key -> kernel, for ``sixbit::linear_epilogue`` (process-wide, like ``pointwise.REGISTRY``)

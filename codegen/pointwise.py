@@ -22,6 +22,7 @@ import hashlib
 import importlib.util
 import operator
 import os
+import re
 
 import sympy
 import torch
@@ -238,6 +239,19 @@ def print_index(expr: sympy.Expr) -> str:
     raise Unsupported(f"index expression {expr}")
 
 
+_COMMENT = re.compile(r"\s+#.*$", re.MULTILINE)
+
+
+def named_source(prefix: str, lines: list[str]) -> tuple[str, str, str]:
+    """(name, source, key) of a kernel written as ``def KERNEL(...)``: the key hashes the source
+    without its comments (which name FX nodes), so the same chain in every block of a model
+    is one kernel, compiled and autotuned once; the name is ``<prefix>_<key>``."""
+    body = "\n".join(lines) + "\n"
+    key = hashlib.sha256(_COMMENT.sub("", body).encode()).hexdigest()[:16]
+    name = f"{prefix}_{key}"
+    return name, body.replace("def KERNEL(", f"def {name}("), key
+
+
 @dataclasses.dataclass
 class PointwiseKernel:
     name: str
@@ -247,10 +261,7 @@ class PointwiseKernel:
     output_dtype: torch.dtype
     rank: int
     rows: bool = False  # one program per row of the last dim (the chain holds a norm)
-
-    @property
-    def key(self) -> str:
-        return hashlib.sha256(self.source.encode()).hexdigest()[:16]
+    key: str = ""  # hash of the source without comments (see named_source)
 
 
 def data_inputs(nodes: list[fx.Node]) -> list[fx.Node]:
@@ -269,7 +280,7 @@ def data_inputs(nodes: list[fx.Node]) -> list[fx.Node]:
     return found
 
 
-def emit_pointwise(nodes: list[fx.Node], name: str = "sixbit_pointwise") -> PointwiseKernel:
+def emit_pointwise(nodes: list[fx.Node], prefix: str = "pointwise") -> PointwiseKernel:
     """Triton source computing ``nodes[-1]`` from the chain ``nodes`` (graph order) and the
     tensors it reads from outside. A chain with a layer / RMS norm over the last dim (a
     prologue) runs one program per row, the whole row in one tile. Raises
@@ -288,7 +299,7 @@ def emit_pointwise(nodes: list[fx.Node], name: str = "sixbit_pointwise") -> Poin
         "",
         *ROUND_BF16_SOURCE,
         "@triton.jit",
-        f"def {name}({', '.join(f'in{j}_ptr' for j in range(len(inputs)))}, out_ptr, n_elements, "
+        f"def KERNEL({', '.join(f'in{j}_ptr' for j in range(len(inputs)))}, out_ptr, n_elements, "
         f"{size_args}{', ' if size_args else ''}{stride_args}{', ' if stride_args else ''}"
         f"{''.join(f'SAME{j}: tl.constexpr, ' for j in range(len(inputs)))}INDEX_64: tl.constexpr, BLOCK: tl.constexpr):",
         "    # SAMEj: input j is laid out as the output (read at i, no index arithmetic);",
@@ -323,7 +334,8 @@ def emit_pointwise(nodes: list[fx.Node], name: str = "sixbit_pointwise") -> Poin
         lines.append(f"    v{k} = {expr}  # {n.name}")
     out_dtype = value_dtype(out)
     lines.append(f"    tl.store(out_ptr + i, v{len(nodes) - 1}.to({TL_DTYPES[out_dtype]}), mask=mask)")
-    return PointwiseKernel(name, "\n".join(lines) + "\n", [a.name for a in inputs], out.name, out_dtype, rank, rows)
+    name, source, key = named_source(prefix, lines)
+    return PointwiseKernel(name, source, [a.name for a in inputs], out.name, out_dtype, rank, rows, key)
 
 
 def cache_dir() -> str:
@@ -339,7 +351,7 @@ REGISTRY: dict[str, PointwiseKernel] = {}
 
 def load_kernel(kernel: PointwiseKernel):
     """The compiled ``@triton.jit`` function, from the disk cache (written on a miss)."""
-    path = os.path.join(cache_dir(), f"{kernel.name}_{kernel.key}.py")
+    path = os.path.join(cache_dir(), f"{kernel.name}.py")
     if path in _LOADED:
         return _LOADED[path]
     if not os.path.exists(path):

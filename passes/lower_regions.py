@@ -24,8 +24,11 @@ Guarantees:
   chain's nodes; per other lowered chain: +1 ``sixbit.region_kernel``, minus its nodes;
 * the outputs equal the unfused graph's within rounding (each op is computed in fp32 and
   rounded where eager rounds; the GEMM's output is rounded to its dtype before the chain);
-* ``ctx.kernels`` holds the generated kernels; the dump writes their source into
-  ``kernels/`` next to the graph files.
+* identical chains (the same region of every block) share one kernel: its key hashes the
+  source without comments, so a 40-block model compiles and autotunes each kernel once;
+* ``ctx.kernels`` holds the distinct generated kernels, each region lists its kernels' names
+  (``FusionRegion.kernels``); the dump writes the sources into ``kernels/`` next to the graph
+  files.
 """
 
 from __future__ import annotations
@@ -80,6 +83,13 @@ def lower_regions(gm: fx.GraphModule, ctx: CompileContext) -> None:
                 names.pop(n.name, None)
 
 
+def _record(ctx: CompileContext, region: int, kernel) -> None:
+    """List ``kernel`` once in ``ctx.kernels`` (blocks share kernels) and under its region."""
+    if all(k.key != kernel.key for k in ctx.kernels):
+        ctx.kernels.append(kernel)
+    ctx.regions[region].kernels.append(kernel.name)
+
+
 def _replace(gm: fx.GraphModule, nodes: list[fx.Node], call: fx.Node, region: int, part: str) -> None:
     """Make ``call`` stand for ``nodes[-1]`` and erase ``nodes``."""
     last = nodes[-1]
@@ -97,12 +107,13 @@ def _fuse_into_gemm(gm, ctx, region: int, part: str, gemm: fx.Node, nodes: list[
         ctx.notes.append(f"codegen: region {region} {part}: the GEMM's output is read outside its epilogue")
         return False
     try:
-        kernel = gemm_codegen.emit_gemm_epilogue(gemm, nodes, name=f"region{region}_gemm_{part}")
+        kernel = gemm_codegen.emit_gemm_epilogue(gemm, nodes)
     except Unsupported as exc:
         ctx.notes.append(f"codegen: region {region} {part}: not fused into its GEMM ({exc})")
         return False
-    gemm_codegen.REGISTRY[kernel.key] = kernel
-    ctx.kernels += [kernel, kernel.alone]
+    kernel = gemm_codegen.REGISTRY.setdefault(kernel.key, kernel)
+    _record(ctx, region, kernel)
+    _record(ctx, region, kernel.alone)
     extras = [a for a in data_inputs(nodes) if a is not gemm]
     with gm.graph.inserting_before(nodes[-1]):
         call = gm.graph.call_function(LINEAR_EPILOGUE, (*gemm.args, kernel.key, extras))
@@ -114,12 +125,12 @@ def _fuse_into_gemm(gm, ctx, region: int, part: str, gemm: fx.Node, nodes: list[
 def _lower_chain(gm, ctx, region: int, part: str, nodes: list[fx.Node]) -> bool:
     """A chain -> one ``sixbit::region_kernel``; False (with a note) if the codegen refuses it."""
     try:
-        kernel = emit_pointwise(nodes, name=f"region{region}_{part}")
+        kernel = emit_pointwise(nodes, prefix="prologue" if part == "prologue" else "epilogue")
     except Unsupported as exc:
         ctx.notes.append(f"codegen: region {region} {part} left unfused: {exc}")
         return False
-    REGISTRY[kernel.key] = kernel
-    ctx.kernels.append(kernel)
+    kernel = REGISTRY.setdefault(kernel.key, kernel)
+    _record(ctx, region, kernel)
     with gm.graph.inserting_before(nodes[-1]):
         call = gm.graph.call_function(REGION_KERNEL, (kernel.key, data_inputs(nodes)))
     _replace(gm, nodes, call, region, "kernel")

@@ -37,6 +37,7 @@ class FusionRegion:
     prologue: list[str]
     epilogues: dict[str, list[str]]
     note: str = ""
+    kernels: list[str] = dataclasses.field(default_factory=list)  # generated kernels (lower_regions)
 
 
 @dataclasses.dataclass

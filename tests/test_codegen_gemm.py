@@ -36,7 +36,7 @@ def lowered(fn, dtype, shape):
     ShapeProp(gm).propagate(g, r, s)
     ph = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
     chain = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
-    return emit_gemm_epilogue(ph["g"], chain, name="test_gemm"), ph
+    return emit_gemm_epilogue(ph["g"], chain), ph
 
 
 def int8_operands(m, k, n, gen):

@@ -106,7 +106,7 @@ def test_nvfp4_values_all_zero():
     assert float(ts) == 0 and (values == 0).all()
 
 
-@pytest.mark.parametrize("n, k", [(40, 200), (1, 16), (33, 1024)])
+@pytest.mark.parametrize("n, k", [(40, 200), (1, 16), (33, 1024), (5, 1552)])  # the last: chunked rows
 def test_weight_decode_matches_spec(n, k):
     g = torch.Generator().manual_seed(n * k)
     w = torch.randn(n, k, generator=g) * 0.05

@@ -129,3 +129,25 @@ NO_FMA = {"enable_fp_fusion": False}
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+#: widest chunk of a row the chunked kernels load at once (elements)
+MAX_CHUNK = 1024
+
+
+def row_tiling(k: int) -> tuple[int, int, int, bool]:
+    """(rows per program, chunk width, warps, whole row in one chunk).
+
+    A row up to 1024 wide is one power-of-two tile. A wider one goes in chunks of 256, 512 or
+    1024, whichever pads the row least (5120 -> 1024, 1536 -> 512, 13824 -> 512, 8960 -> 256):
+    a whole-row tile padded to the next power of two wasted 37.5 % of the lanes at K = 5120.
+    """
+    if k <= MAX_CHUNK:
+        block_k = next_pow2(k)
+        one = True
+    else:
+        block_k = min((256, 512, 1024), key=lambda c: (-(-k // c) * c, -c))
+        one = False
+    block_m = max(1, min(64, 4096 // block_k))
+    warps = 4 if block_k * block_m <= 4096 else 8
+    return block_m, block_k, warps, one

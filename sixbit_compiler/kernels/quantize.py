@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ..formats._common import div_exact
-from ._common import NO_FMA, e2m1_round, encode_rows, fp8_rows, int8_rows, is_nan, next_pow2, round_to_e4m3, where_nan
+from ._common import NO_FMA, e2m1_round, encode_rows, fp8_rows, int8_rows, is_nan, round_to_e4m3, row_tiling, where_nan
 
 _F4_MAX, _F8_MAX = 6.0, 448.0
 
@@ -77,28 +77,6 @@ def _rows_kernel(
     tl.store(abssum_ptr + rows, abssum, mask=row_ok)
 
 
-#: widest chunk of a row the chunked kernels load at once (elements)
-MAX_CHUNK = 1024
-
-
-def _row_tiling(k: int) -> tuple[int, int, int, bool]:
-    """(rows per program, chunk width, warps, whole row in one chunk).
-
-    A row up to 1024 wide is one power-of-two tile. A wider one goes in chunks of 256, 512 or
-    1024, whichever pads the row least (5120 -> 1024, 1536 -> 512, 13824 -> 512, 8960 -> 256):
-    a whole-row tile padded to the next power of two wasted 37.5 % of the lanes at K = 5120.
-    """
-    if k <= MAX_CHUNK:
-        block_k = next_pow2(k)
-        one = True
-    else:
-        block_k = min((256, 512, 1024), key=lambda c: (-(-k // c) * c, -c))
-        one = False
-    block_m = max(1, min(64, 4096 // block_k))
-    warps = 4 if block_k * block_m <= 4096 else 8
-    return block_m, block_k, warps, one
-
-
 def _quantize_rows(x: torch.Tensor, fp8: bool):
     assert x.dim() == 2 and x.stride(1) == 1
     m, k = x.shape
@@ -106,7 +84,7 @@ def _quantize_rows(x: torch.Tensor, fp8: bool):
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     amax = torch.empty((m,), dtype=torch.float32, device=x.device)
     abssum = torch.empty((m,), dtype=torch.float32, device=x.device)
-    block_m, block_k, warps, one = _row_tiling(k)
+    block_m, block_k, warps, one = row_tiling(k)
     _rows_kernel[(triton.cdiv(m, block_m),)](
         x, q, scale, amax, abssum, m, k, x.stride(0), q.stride(0), torch.finfo(x.dtype).max,
         FP8=fp8, BLOCK_M=block_m, BLOCK_K=block_k, ONE_CHUNK=one, num_warps=warps, **NO_FMA,
@@ -177,7 +155,7 @@ def row_stats(x: torch.Tensor):
     m, k = x.shape
     amax = torch.empty((m,), dtype=torch.float32, device=x.device)
     abssum = torch.empty((m,), dtype=torch.float32, device=x.device)
-    block_m, block_k, warps, _ = _row_tiling(k)
+    block_m, block_k, warps, _ = row_tiling(k)
     _row_stats_kernel[(triton.cdiv(m, block_m),)](
         x, amax, abssum, m, k, x.stride(0), torch.finfo(x.dtype).max, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps
     )
@@ -194,7 +172,7 @@ def quantize_nvfp4_values(x: torch.Tensor, out_dtype: torch.dtype = torch.bfloat
     amax, abssum = row_stats(x)
     ts = div_exact(amax.max() if m else amax.new_zeros(()), _F8_MAX * _F4_MAX)
     out = torch.empty((m, k), dtype=out_dtype, device=x.device)
-    block_m, block_k, warps, _ = _row_tiling(k)
+    block_m, block_k, warps, _ = row_tiling(k)
     _nvfp4_values_kernel[(triton.cdiv(m, block_m), triton.cdiv(k, block_k))](
         x, out, ts, m, k, x.stride(0), out.stride(0), torch.finfo(x.dtype).max,
         BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps, **NO_FMA,

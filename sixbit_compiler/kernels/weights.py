@@ -15,7 +15,21 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import NO_FMA, e2m1_decode, fp8_rows, int8_rows, next_pow2
+from ._common import NO_FMA, e2m1_decode, encode_rows, is_nan, row_tiling, where_nan
+
+
+@triton.jit
+def _decode_chunk(packed_ptr, scales_ptr, rows, k0, N, KP, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """e2m1 * e4m3 values [BLOCK_N, BLOCK_K] of columns k0.. of the stored weight (0 past KP)."""
+    half = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    pmask = (rows[:, None] < N) & (half[None, :] < KP // 2)
+    b = tl.load(packed_ptr + rows[:, None] * (KP // 2) + half[None, :], mask=pmask, other=0).to(tl.int32)
+    codes = tl.reshape(tl.join(b & 15, b >> 4), (BLOCK_N, BLOCK_K))  # element 2i is the low nibble
+    blk = k0 // 16 + tl.arange(0, BLOCK_K // 16)
+    smask = (rows[:, None] < N) & (blk[None, :] < KP // 16)
+    s = tl.load(scales_ptr + rows[:, None] * (KP // 16) + blk[None, :], mask=smask, other=0)
+    s = s.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    return tl.reshape(tl.reshape(e2m1_decode(codes), (BLOCK_N, BLOCK_K // 16, 16)) * s[:, :, None], (BLOCK_N, BLOCK_K))
 
 
 @triton.jit
@@ -23,39 +37,42 @@ def _decode_kernel(
     packed_ptr, scales_ptr, ts_ptr, out_ptr, ch_scale_ptr, N, KP,
     TO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """TO = 0: block values; 1 / 2: per-channel INT8 / FP8 e4m3 of the dequantized weight.
+    Rows go in chunks of BLOCK_K: for the per-channel codes a first pass takes the row's max,
+    a second decodes again (the packed row is small and in L2) and writes."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    half = tl.arange(0, BLOCK_K // 2)
-    pmask = (rows[:, None] < N) & (half[None, :] < KP // 2)
-    b = tl.load(packed_ptr + rows[:, None] * (KP // 2) + half[None, :], mask=pmask, other=0).to(tl.int32)
-    codes = tl.reshape(tl.join(b & 15, b >> 4), (BLOCK_N, BLOCK_K))  # element 2i is the low nibble
-    blk = tl.arange(0, BLOCK_K // 16)
-    smask = (rows[:, None] < N) & (blk[None, :] < KP // 16)
-    s = tl.load(scales_ptr + rows[:, None] * (KP // 16) + blk[None, :], mask=smask, other=0)
-    s = s.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-    vals = tl.reshape(tl.reshape(e2m1_decode(codes), (BLOCK_N, BLOCK_K // 16, 16)) * s[:, :, None], (BLOCK_N, BLOCK_K))
-    cols = tl.arange(0, BLOCK_K)
-    omask = (rows[:, None] < N) & (cols[None, :] < KP)
-    if TO != 0:  # per-channel INT8 (1) or FP8 e4m3 (2) of the dequantized weight
-        w = vals * tl.load(ts_ptr)
-        lim = 3.4028234663852886e38
-        w = tl.minimum(tl.maximum(w, -lim), lim)
-        if TO == 1:
-            q, scale, _, _ = int8_rows(w)
+    lim = 3.4028234663852886e38
+    if TO != 0:
+        ts = tl.load(ts_ptr)
+        amax = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        has_nan = tl.zeros((BLOCK_N,), dtype=tl.int32)
+        for k0 in range(0, KP, BLOCK_K):
+            w = _decode_chunk(packed_ptr, scales_ptr, rows, k0, N, KP, BLOCK_N, BLOCK_K) * ts
+            isnan = is_nan(w)
+            amax = tl.maximum(amax, tl.max(tl.where(isnan, 0.0, tl.minimum(tl.abs(w), lim)), axis=1))
+            has_nan = tl.maximum(has_nan, tl.max(isnan.to(tl.int32), axis=1))
+        scale = tl.math.div_rn(amax, 127.0 if TO == 1 else 448.0)
+        inv = tl.math.div_rn(1.0, tl.where(scale > 0, scale, 1.0))
+        tl.store(ch_scale_ptr + rows, where_nan(has_nan > 0, scale), mask=rows < N)
+    for k0 in range(0, KP, BLOCK_K):
+        vals = _decode_chunk(packed_ptr, scales_ptr, rows, k0, N, KP, BLOCK_N, BLOCK_K)
+        cols = k0 + tl.arange(0, BLOCK_K)
+        omask = (rows[:, None] < N) & (cols[None, :] < KP)
+        if TO != 0:
+            w = vals * ts
+            w = tl.minimum(tl.maximum(w, -lim), lim)
+            q = encode_rows(w, inv, TO == 2)
+            tl.store(out_ptr + rows[:, None] * KP + cols[None, :], q.to(out_ptr.dtype.element_ty), mask=omask)
         else:
-            q, scale = fp8_rows(w)
-        tl.store(out_ptr + rows[:, None] * KP + cols[None, :], q.to(out_ptr.dtype.element_ty), mask=omask)
-        tl.store(ch_scale_ptr + rows, scale, mask=rows < N)
-    else:
-        tl.store(out_ptr + rows[:, None] * KP + cols[None, :], vals.to(out_ptr.dtype.element_ty), mask=omask)
+            tl.store(out_ptr + rows[:, None] * KP + cols[None, :], vals.to(out_ptr.dtype.element_ty), mask=omask)
 
 
 def _launch(packed, block_scales_bits, tensor_scale, out, ch_scale, to):
     n, kp = packed.shape[0], packed.shape[1] * 2
-    block_k = next_pow2(kp)
-    block_n = max(1, min(32, 4096 // block_k))
+    block_n, block_k, warps, _ = row_tiling(kp)
     _decode_kernel[(triton.cdiv(n, block_n),)](
         packed, block_scales_bits, tensor_scale, out, ch_scale, n, kp,
-        TO=to, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4 if block_k * block_n <= 4096 else 8, **NO_FMA,
+        TO=to, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, **NO_FMA,
     )
 
 
