@@ -52,7 +52,7 @@ WORKLOADS = {
     "tiny-wan": ("wan", TINY_WAN, (16, 3, 8, 8), 16, 5.0),
     "tiny-cogvideox": ("cogvideox", TINY_COG, (3, 16, 16, 16), 16, 6.0),
 }
-MODES = ["bf16_eager", "inductor", "torchao_fp8", "sixbit_int8", "sixbit_nvfp4", "sixbit_dynamic", "sixbit_dynamic_int8",
+MODES = ["bf16_eager", "inductor", "torchao_fp8", "sixbit_int8", "sixbit_fp8", "sixbit_int8_codegen", "sixbit_nvfp4", "sixbit_dynamic", "sixbit_dynamic_int8",
          "sixbit_int8_cache", "sixbit_int8_skip33", "sixbit_int8_skip50", "sixbit_quality", "sixbit_balanced", "sixbit_fast"]
 
 
@@ -148,9 +148,12 @@ def prepare(mode, model, device, num_blocks):
         options = {"activation": "dynamic"}
     elif mode == "sixbit_dynamic_int8":  # DMPQ's bookkeeping with a zero budget: every layer stays INT8
         options = {"activation": "dynamic", "dmpq_budget": 0.0}
+    elif mode in ("sixbit_fp8", "sixbit_nvfp4"):  # one precision everywhere
+        options = {"activation": mode.split("_", 1)[1]}
+    elif mode == "sixbit_int8_codegen":  # the generated region kernels (issue: codegen)
+        options = {"activation": "int8", "codegen": True}
     else:
-        options = {"activation": "nvfp4" if mode == "sixbit_nvfp4" else "int8", "block_cache": skip is not None,
-                   "cache_policy": "none"}
+        options = {"activation": "int8", "block_cache": skip is not None, "cache_policy": "none"}
     compiled = torch.compile(model, backend="sixbit", options=options)
 
     def after_first_call(m):
