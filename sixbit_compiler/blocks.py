@@ -56,6 +56,11 @@ class SharedBody:
         self._compiled = None
 
     def __call__(self, *args):
+        # Inductor specializes on its example inputs' strides, but a block's input may be a
+        # strided view when the block before it computed (CogVideoX's split of the joint text +
+        # video sequence) and a fresh contiguous tensor when that block was skipped. One layout,
+        # contiguous, serves both (a no-op for inputs that already are).
+        args = tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
         if self._compiled is None:
             if self.lowering == "inductor":
                 from torch._inductor.compile_fx import compile_fx

@@ -307,3 +307,22 @@ def test_an_interrupted_generation_leaves_the_next_one_fresh():
     assert any(c["skipped_blocks"] for c in b) and b[-1]["skipped_blocks"]  # fresh: no step count known
     for x, y in zip(after, alone):
         assert torch.equal(x, y)
+
+
+def test_inductor_bodies_take_strided_and_contiguous_block_inputs_alike():
+    """CogVideoX's first block reads views of the joint text + video sequence (strided) while a
+    skipped block hands the next one a fresh contiguous tensor; the shared Inductor body, which
+    specializes on its first inputs' strides, must take both (found on the H200, C-2B 50 % skips)."""
+    torch._dynamo.reset()
+    model = tiny_cogvideox(num_layers=4)
+    inp = cogvideox_inputs()
+    compiled = torch.compile(model, backend="sixbit",
+                             options={"activation": "int8", "block_cache": True, "cache_policy": "none",
+                                      "lowering": "inductor"})
+    with torch.no_grad():
+        compiled(**inp)  # compiles
+        sixbit_compiler.reset(compiled)
+        sixbit_compiler.set_skip_schedule(compiled, sixbit_compiler.evenly_spaced_skips(4, 0.5))
+        outs = [compiled(**{**inp, "timestep": torch.tensor([t])})[0] for t in (900, 800, 700)]
+    assert [c["skipped_blocks"] for c in sixbit_compiler.stats(model)["calls"][-3:]] == [[], [1, 3], [1, 3]]
+    assert all(o.isfinite().all() for o in outs)
