@@ -99,16 +99,26 @@ def sixbit_backend(gm: fx.GraphModule, example_inputs, options=None, **kwargs):
     return sixbit_dispatch
 
 
+def _graph_device(example_inputs) -> torch.device | None:
+    """The device the graph runs on: its first CUDA input's, else its first tensor's."""
+    tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
+    cuda = [t for t in tensors if t.is_cuda]
+    return (cuda or tensors)[0].device if tensors else None
+
+
 def _compile_for_model(gm: fx.GraphModule, example_inputs, options, kwargs):
     dynamo_gm, gm = gm, copy_graph_module(gm)
     if kwargs.get("mode") not in (None, "default"):
         log.warning("sixbit: torch.compile(mode=%r) is ignored by the sixbit backend", kwargs["mode"])
-    opts = SixbitOptions.from_dict(options)
+    asked = SixbitOptions.from_dict(options)
+    opts = asked.for_device(_graph_device(example_inputs))
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     runtime = runtime_for_inputs(example_inputs, opts)
     runtime.compiles += 1
     compile_id = _compile_id(gm)
     ctx = CompileContext.for_graph(gm, example_inputs, opts, runtime=runtime, compile_id=compile_id)
+    if asked.activation != opts.activation:
+        ctx.notes.append(f"options: activation='auto' runs {opts.activation!r} on this device")
 
     already_released = [p for p in example_inputs if isinstance(p, torch.Tensor) and STORE.is_released(p)]
     dump = DumpWriter(opts.dump_dir, compile_id) if opts.dump_dir else None

@@ -8,10 +8,15 @@ error that names the key. ``docs/options.md`` documents every field.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any, Mapping
 
+import torch
+
 from .formats import Precision
+
+log = logging.getLogger("sixbit")
 
 DUMP_DIR_ENV = "SIXBIT_DUMP_DIR"
 LOWERINGS = ("auto", "eager", "inductor")
@@ -21,10 +26,10 @@ CACHE_DTYPES = ("activation", "int8", "fp8")
 #: Named presets: the method's knobs at three points of the speed / fidelity trade-off.
 #: docs/options.md gives the fidelity and skip rate each reached, and on which model.
 PRESETS: dict[str, dict[str, Any]] = {
-    "quality": {"activation": "dynamic", "dmpq_budget": 0.05, "block_cache": False},
-    "balanced": {"activation": "dynamic", "dmpq_budget": 0.07, "block_cache": True, "cache_threshold": 0.1,
+    "quality": {"activation": "auto", "dmpq_budget": 0.05, "block_cache": False},
+    "balanced": {"activation": "auto", "dmpq_budget": 0.07, "block_cache": True, "cache_threshold": 0.1,
                  "cache_tau": 0.15, "cache_max_skips": 1, "cache_first_steps": 2, "cache_last_steps": 1},
-    "fast": {"activation": "dynamic", "dmpq_budget": 0.1, "block_cache": True, "cache_threshold": 0.15,
+    "fast": {"activation": "auto", "dmpq_budget": 0.1, "block_cache": True, "cache_threshold": 0.15,
              "cache_tau": 0.3, "cache_max_skips": 2, "cache_first_steps": 1, "cache_last_steps": 1},
 }
 
@@ -43,8 +48,11 @@ class SixbitOptions:
     preset: str | None = None
     #: Activation precision of the quantized linears: "dynamic" (DMPQ: per layer and per
     #: call, NVFP4 when the calibrated predictor α·Γ_{t−1} + β stays within ``dmpq_budget``,
-    #: else INT8), or one fixed precision for all: "nvfp4", "int8", "fp8" or "bf16".
-    activation: str = "dynamic"
+    #: else INT8), one fixed precision for all ("nvfp4", "int8", "fp8" or "bf16"), or "auto"
+    #: (the default): "dynamic" where NVFP4 pays (GPUs with FP4 tensor cores, sm_100+; and
+    #: on CPU, where sixbit emulates the method), "int8" on other GPUs such as the H100, where
+    #: emulated NVFP4 is both slower and less accurate than INT8 (one log line says so).
+    activation: str = "auto"
     #: DMPQ's error budget: a layer runs NVFP4 activations when its predicted relative
     #: output error (E_rel) is at most this, else INT8. None: the calibration's default.
     dmpq_budget: float | None = None
@@ -123,11 +131,11 @@ class SixbitOptions:
             raise bad("dump_dir", "must be a path string or None")
         if not isinstance(self.activation, str):
             raise bad("activation", "must be a string")
-        if self.activation != "dynamic":
+        if self.activation not in ("dynamic", "auto"):
             try:
                 Precision.parse(self.activation)
             except ValueError:
-                raise bad("activation", "must be one of 'dynamic', 'nvfp4', 'int8', 'fp8', 'bf16'") from None
+                raise bad("activation", "must be one of 'auto', 'dynamic', 'nvfp4', 'int8', 'fp8', 'bf16'") from None
         if self.dmpq_budget is not None and (
             isinstance(self.dmpq_budget, bool) or not isinstance(self.dmpq_budget, (int, float)) or self.dmpq_budget < 0
         ):
@@ -172,6 +180,19 @@ class SixbitOptions:
         if self.timestep_input is not None and not isinstance(self.timestep_input, str):
             raise bad("timestep_input", "must be a graph input name or None")
 
+    def for_device(self, device: torch.device | None) -> "SixbitOptions":
+        """These options with ``activation="auto"`` resolved for the device the graph runs on."""
+        if self.activation != "auto":
+            return self
+        if device is None or device.type != "cuda" or native_fp4(device):
+            return dataclasses.replace(self, activation="dynamic")
+        name = torch.cuda.get_device_name(device)
+        major, minor = torch.cuda.get_device_capability(device)
+        log.info("sixbit: activation='auto' runs INT8 on %s (sm_%d%d): without FP4 tensor cores NVFP4 "
+                 "activations are slower and less accurate than INT8; activation='dynamic' runs DMPQ anyway",
+                 name, major, minor)
+        return dataclasses.replace(self, activation="int8")
+
     @property
     def dynamic(self) -> bool:
         return self.activation == "dynamic"
@@ -179,7 +200,7 @@ class SixbitOptions:
     @property
     def precision(self) -> Precision:
         """The fixed precision, or DMPQ's safe one (INT8) where it has no prediction."""
-        return Precision.INT8 if self.dynamic else Precision.parse(self.activation)
+        return Precision.INT8 if self.activation in ("dynamic", "auto") else Precision.parse(self.activation)
 
     @property
     def measures_blocks(self) -> bool:
@@ -188,6 +209,11 @@ class SixbitOptions:
 
     def pass_enabled(self, name: str) -> bool:
         return self.passes.get(name, True)
+
+
+def native_fp4(device: torch.device) -> bool:
+    """Whether the GPU has FP4 tensor cores (Blackwell, compute capability 10.0 and up)."""
+    return torch.cuda.get_device_capability(device) >= (10, 0)
 
 
 def _as_patterns(key: str, value: Any) -> tuple[str, ...]:

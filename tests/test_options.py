@@ -9,10 +9,26 @@ from sixbit_compiler.formats import Precision
 
 def test_defaults():
     o = SixbitOptions.from_dict(None)
+    assert o.activation == "auto" and o.precision == Precision.INT8
+    o = o.for_device(torch.device("cpu"))  # on CPU (the method's emulation) "auto" is DMPQ
     assert o.activation == "dynamic" and o.dynamic and o.precision == Precision.INT8  # DMPQ's fallback
     assert o.dmpq_budget is None and o.calibration is None and o.preset is None
     assert o.include == () and o.exclude == () and o.hadamard is False and o.free_weights is True
     assert o.pass_enabled("quantize_linears")
+
+
+@pytest.mark.parametrize("capability, expected", [((9, 0), "int8"), ((8, 0), "int8"), ((10, 0), "dynamic")])
+def test_auto_activation_runs_dmpq_only_where_nvfp4_pays(monkeypatch, caplog, capability, expected):
+    """Hopper has no FP4 tensor cores: emulated NVFP4 activations are slower than INT8 there
+    (C-2B's fast preset: 0.85x bf16 with 98 % NVFP4 on the H200), so "auto" runs INT8."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU")
+    with caplog.at_level("INFO", logger="sixbit"):
+        o = SixbitOptions.from_dict({"preset": "fast"}).for_device(torch.device("cuda"))
+    assert o.activation == expected and o.block_cache  # the rest of the preset stays
+    assert (expected == "int8") == any("activation='auto' runs INT8" in r.getMessage() for r in caplog.records)
+    explicit = SixbitOptions.from_dict({"activation": "dynamic"}).for_device(torch.device("cuda"))
+    assert explicit.activation == "dynamic"  # asked for by name: DMPQ anywhere
 
 
 def test_values_are_parsed():
@@ -73,7 +89,7 @@ def test_presets_set_the_method_and_explicit_options_win():
     from sixbit_compiler.options import PRESETS
 
     fast = SixbitOptions.from_dict({"preset": "fast"})
-    assert fast.dynamic and fast.block_cache and fast.dmpq_budget == PRESETS["fast"]["dmpq_budget"]
+    assert fast.activation == "auto" and fast.block_cache and fast.dmpq_budget == PRESETS["fast"]["dmpq_budget"]
     quality = SixbitOptions.from_dict({"preset": "quality"})
     assert not quality.block_cache and quality.dmpq_budget < fast.dmpq_budget
     mine = SixbitOptions.from_dict({"preset": "balanced", "cache_threshold": 0.5, "activation": "int8"})
