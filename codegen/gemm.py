@@ -32,7 +32,7 @@ import torch.fx as fx
 
 from .pointwise import (
     ROUND_BF16_SOURCE, TL_DTYPES, PointwiseKernel, Unsupported, _coordinates, _rank, data_inputs, emit_pointwise,
-    expression, input_offsets, is_row_norm, load_kernel, named_source, print_index, rounded, value_dtype,
+    expression, input_offsets, is_row_norm, load_kernel, load_lines, named_source, rounded, value_dtype,
 )
 
 
@@ -93,12 +93,7 @@ def emit_gemm_epilogue(gemm: fx.Node, chain: list[fx.Node], prefix: str = "gemm_
         "    col = rn[None, :].to(tl.int64) if INDEX_64 else rn[None, :]",
         f"    g = {rounded('c', value_dtype(gemm))}  # {gemm.name}",
     ]
-    for j, (a, off) in enumerate(zip(extras, offsets)):
-        lines += [f"    if SAME{j}:",
-                  f"        off{j} = row * N + col",
-                  "    else:",
-                  f"        off{j} = {print_index(sympy.expand(off))}",
-                  f"    in{j} = tl.load(in{j}_ptr + off{j}, mask=mask, other=0.0).to(tl.float32)  # {a.name}"]
+    lines += load_lines(extras, offsets, "row * N + col")
     for k, n in enumerate(chain):
         dtype = value_dtype(n)
         if dtype not in TL_DTYPES:

@@ -221,6 +221,19 @@ def _index_expressions(rank: int, n_inputs: int) -> tuple[list[sympy.Symbol], li
     return sizes, input_offsets(_coordinates(i, sizes), n_inputs)
 
 
+def load_lines(inputs: list[fx.Node], offsets: list[sympy.Expr], same_offset: str) -> list[str]:
+    """Statements loading input j as fp32 ``in{j}`` under ``mask``: at ``same_offset`` when the
+    constexpr ``SAME{j}`` says it is laid out as the output, else at its sympy offset."""
+    lines = []
+    for j, (a, off) in enumerate(zip(inputs, offsets)):
+        lines += [f"    if SAME{j}:",
+                  f"        off{j} = {same_offset}",
+                  "    else:",
+                  f"        off{j} = {print_index(sympy.expand(off))}",
+                  f"    in{j} = tl.load(in{j}_ptr + off{j}, mask=mask, other=0.0).to(tl.float32)  # {a.name}"]
+    return lines
+
+
 def print_index(expr: sympy.Expr) -> str:
     """A sympy index expression as Triton (integer) code."""
     if isinstance(expr, sympy.Symbol):
@@ -314,12 +327,7 @@ def emit_pointwise(nodes: list[fx.Node], prefix: str = "pointwise") -> Pointwise
     else:
         lines += ["    i = pid * BLOCK + tl.arange(0, BLOCK)",
                   "    mask = i < n_elements"]
-    for j, (a, off) in enumerate(zip(inputs, offsets)):
-        lines += [f"    if SAME{j}:",
-                  f"        off{j} = i",
-                  "    else:",
-                  f"        off{j} = {print_index(sympy.expand(off)) if rank else '0'}",
-                  f"    in{j} = tl.load(in{j}_ptr + off{j}, mask=mask, other=0.0).to(tl.float32)  # {a.name}"]
+    lines += load_lines(inputs, offsets if rank else [sympy.Integer(0)] * len(inputs), "i")
     for k, n in enumerate(nodes):
         dtype = value_dtype(n)
         if dtype not in TL_DTYPES:
