@@ -41,3 +41,17 @@ def test_block_benchmark_smoke(tmp_path, monkeypatch):
     assert 0 < modes["sixbit"]["rel_l2_vs_eager"] < 0.2
     assert abs(modes["sixbit_fused"]["rel_l2_vs_eager"] - modes["sixbit"]["rel_l2_vs_eager"]) < 1e-3
     assert res["min_bytes_nvfp4"] < res["min_bytes_bf16"] and (tmp_path / "block_tiny.json").exists()
+
+
+def test_chart_draws_every_workload_from_the_stored_results(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import chart
+    finally:
+        sys.path.pop(0)
+    titles = [t for t, _, points in chart.panels() if points]
+    assert len(titles) == 3  # W-1.3B, C-2B, REF: each with points
+    out = chart.draw(str(tmp_path / "chart.png"))
+    from PIL import Image
+
+    assert Image.open(out).size == (3 * 560, 420)
