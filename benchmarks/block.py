@@ -21,7 +21,7 @@ Reported per mode, all in one process on one card:
 
 ``--ncu`` then runs each mode once more in a child process under Nsight Compute
 (``ncu --profile-from-start off``, one profiled forward) and sums ``dram__bytes_read.sum`` and
-``dram__bytes_write.sum`` over its kernels.
+``dram__bytes_write.sum`` over its kernels, and over the attention kernels apart.
 
 Writes ``block_<model>.json`` to $OUT (or ./out).
 """
@@ -133,33 +133,49 @@ def ncu_child(args):
         torch.cuda.cudart().cudaProfilerStop()
 
 
+#: substrings of the SDPA kernels' names (cuDNN, flash, memory-efficient), counted apart
+ATTENTION_KERNELS = ("sdpa", "flash", "fmha", "attention")
 _UNITS = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "Tbyte": 1e12,
           "KB": 1e3, "MB": 1e6, "GB": 1e9, "B": 1}
 
 
 def ncu_bytes(model: str, mode: str, timeout: int) -> dict:
     """HBM bytes read and written by one forward of ``mode`` (two blocks), per Nsight Compute."""
-    import csv
-    import io
     import subprocess
 
     cmd = ["ncu", "--profile-from-start", "off", "--clock-control", "none", "--csv",
            "--metrics", "dram__bytes_read.sum,dram__bytes_write.sum",
            sys.executable, os.path.abspath(__file__), "--model", model, "--ncu-child", mode]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    lines = [line for line in done.stdout.splitlines() if line.startswith('"')]
-    if not lines:
+    result = parse_ncu_csv(done.stdout)
+    if result is None:
         return {"error": f"ncu printed no metrics (rc {done.returncode}): {done.stderr[-500:]}"}
+    return result
+
+
+def parse_ncu_csv(text: str, calls: int = 2) -> dict | None:
+    """Per block (``calls`` blocks profiled): DRAM bytes read / written over all kernels and
+    over the attention kernels, from ``ncu --csv`` output (other lines are ignored)."""
+    import csv
+    import io
+
+    lines = [line for line in text.splitlines() if line.startswith('"')]
+    if not lines:
+        return None
     total = {"dram__bytes_read.sum": 0.0, "dram__bytes_write.sum": 0.0}
+    attention = dict(total)
     kernels = set()
     for row in csv.DictReader(io.StringIO("\n".join(lines))):
         name = row.get("Metric Name")
         if name in total:
-            value = float(row["Metric Value"].replace(",", ""))
-            total[name] += value * _UNITS.get(row.get("Metric Unit", "byte"), 1)
+            value = float(row["Metric Value"].replace(",", "")) * _UNITS.get(row.get("Metric Unit", "byte"), 1)
+            total[name] += value
+            if any(tag in row.get("Kernel Name", "").lower() for tag in ATTENTION_KERNELS):
+                attention[name] += value
             kernels.add(row.get("ID"))
-    return {"read": total["dram__bytes_read.sum"] / 2, "written": total["dram__bytes_write.sum"] / 2,
-            "kernels_per_block": len(kernels) / 2}
+    return {"read": total["dram__bytes_read.sum"] / calls, "written": total["dram__bytes_write.sum"] / calls,
+            "attention_read": attention["dram__bytes_read.sum"] / calls,
+            "attention_written": attention["dram__bytes_write.sum"] / calls, "kernels_per_block": len(kernels) / calls}
 
 
 def top_kernels(call, count=25):

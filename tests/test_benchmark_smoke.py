@@ -55,3 +55,23 @@ def test_chart_draws_every_workload_from_the_stored_results(tmp_path):
     from PIL import Image
 
     assert Image.open(out).size == (3 * 560, 420)
+
+
+def test_ncu_csv_is_summed_per_block_with_attention_apart():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import block
+    finally:
+        sys.path.pop(0)
+    header = '"ID","Process ID","Kernel Name","Metric Name","Metric Unit","Metric Value"'
+    rows = [
+        '"0","1","cudnn_generated_fort_native_sdpa_sm90_flash_fprop","dram__bytes_read.sum","Gbyte","2.5"',
+        '"0","1","cudnn_generated_fort_native_sdpa_sm90_flash_fprop","dram__bytes_write.sum","Mbyte","100"',
+        '"1","1","_scaled_gemm_body","dram__bytes_read.sum","Mbyte","1,500"',
+        '"1","1","_scaled_gemm_body","dram__bytes_write.sum","byte","4000"',
+    ]
+    text = "==PROF== Connected to process\n" + "\n".join([header, *rows]) + "\n"
+    got = block.parse_ncu_csv(text, calls=2)
+    assert got == {"read": 2.0e9, "written": (100e6 + 4000) / 2, "attention_read": 1.25e9,
+                   "attention_written": 50e6, "kernels_per_block": 1.0}
+    assert block.parse_ncu_csv("no metrics here") is None
