@@ -76,7 +76,10 @@ def _sixbit(mode, model, encoder, specs, seeds, steps, reference, device, dtype)
     options = {"preset": name} if name in ("quality", "balanced", "fast") else {"activation": name}
     for item in overrides:
         key, _, value = item.partition("=")
-        options[key] = float(value) if value.replace(".", "", 1).isdigit() else value
+        if value in ("true", "false", "True", "False"):
+            options[key] = value.lower() == "true"
+        else:
+            options[key] = float(value) if value.replace(".", "", 1).isdigit() else value
     options["lowering"] = "eager"  # quality and decisions do not depend on the lowering
     compiled = torch.compile(model, backend="sixbit", options=options)
     t0 = time.perf_counter()
