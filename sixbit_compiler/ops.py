@@ -1,11 +1,13 @@
-"""The ``sixbit::quantized_linear`` custom op that ``quantize_linears`` inserts.
+"""The custom ops the passes insert: ``sixbit::quantized_linear`` (``quantize_linears``),
+``sixbit::linear_epilogue`` and ``sixbit::region_kernel`` (``lower_regions``, generated kernels),
+``sixbit::residual_abs_sums`` (``precision_guards``).
 
-It is a ``torch.library`` custom op, so Inductor and AOTAutograd treat it as an
-opaque kernel with a known output shape (the fake implementation), and it
-passes ``torch.library.opcheck``.
+They are ``torch.library`` custom ops, so Inductor and AOTAutograd treat them as opaque
+kernels with known output shapes (the fake implementations), and they pass
+``torch.library.opcheck``.
 
-On CUDA it runs the Triton kernels (``sixbit_compiler.kernels.dispatch``); on CPU, and for
-any case the kernels do not take (logged once), the pure-PyTorch reference path.
+On CUDA ``quantized_linear`` runs the Triton kernels (``sixbit_compiler.kernels.dispatch``);
+on CPU, and for any case the kernels do not take (logged once), the pure-PyTorch reference path.
 
 Its precision is not a compile-time constant: the op reads it from
 ``precision_slots[slot]``, a small CPU int8 tensor that the runtime writes once

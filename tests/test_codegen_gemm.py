@@ -188,3 +188,27 @@ def test_linear_epilogue_takes_the_fused_kernel_for_one_byte_precisions(monkeypa
         tol = 1e-3 if precision == Precision.FP8 and DEV == "cuda" else 1e-5
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     assert len(calls) == 2  # the INT8 and FP8 calls
+
+
+def test_generated_kernel_ops_pass_opcheck():
+    """linear_epilogue and region_kernel: schema, fake (meta) shapes and dtypes, dispatch."""
+    import sixbit_compiler.codegen.gemm as gemm_codegen
+    import sixbit_compiler.ops  # noqa: F401  (registers the ops)
+    from sixbit_compiler.codegen.pointwise import REGISTRY as POINTWISE
+    from sixbit_compiler.formats import Precision, quantize_nvfp4
+
+    kernel, _ = lowered(EPILOGUES["gate_residual"], torch.bfloat16, (2, 8, 48))
+    gemm_codegen.REGISTRY[kernel.key] = kernel
+    POINTWISE[kernel.alone.key] = kernel.alone
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 64, generator=g).bfloat16().to(DEV)
+    packed, scales, ts = quantize_nvfp4(torch.randn(48, 64, generator=g))
+    w = (packed.to(DEV), scales.view(torch.uint8).to(DEV), ts.to(DEV))
+    r, s = torch.randn(2, 5, 48, generator=g).bfloat16().to(DEV), torch.randn(2, 1, 48, generator=g).bfloat16().to(DEV)
+    extras = [{"r": r, "s": s}[n] for n in kernel.inputs]
+    slots = torch.tensor([int(Precision.INT8)], dtype=torch.int8)
+    torch.library.opcheck(torch.ops.sixbit.linear_epilogue.default, (x, *w, None, slots, 0, 64, False, kernel.key, extras))
+    gemm_out = torch.randn(2, 5, 48, generator=g).bfloat16().to(DEV)
+    by_name = {kernel.gemm: gemm_out, "r": r, "s": s}
+    torch.library.opcheck(torch.ops.sixbit.region_kernel.default,
+                          (kernel.alone.key, [by_name[n] for n in kernel.alone.inputs]))
