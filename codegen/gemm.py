@@ -45,12 +45,12 @@ class GemmEpilogueKernel:
     output: str
     output_dtype: torch.dtype
     rank: int
-    alone: PointwiseKernel  # the chain by itself, reading the GEMM's output (non-INT8 calls)
+    alone: PointwiseKernel  # the chain by itself, reading the GEMM's output (NVFP4 / bf16 calls)
     key: str = ""  # hash of the source without comments (pointwise.named_source)
 
 
 def emit_gemm_epilogue(gemm: fx.Node, chain: list[fx.Node], prefix: str = "gemm_epilogue") -> GemmEpilogueKernel:
-    """Triton source of an INT8 GEMM whose output feeds ``chain`` (graph order, elementwise),
+    """Triton source of an INT8 / FP8 GEMM whose output feeds ``chain`` (graph order, elementwise),
     computing ``chain[-1]``. Raises :class:`Unsupported` for an op with no translation or a
     chain whose output is not the GEMM's shape."""
     if not chain:
