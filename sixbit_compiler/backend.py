@@ -99,7 +99,7 @@ def sixbit_backend(gm: fx.GraphModule, example_inputs, options=None, **kwargs):
     return sixbit_dispatch
 
 
-def _graph_device(example_inputs) -> torch.device | None:
+def graph_device(example_inputs) -> torch.device | None:
     """The device the graph runs on: its first CUDA input's, else its first tensor's."""
     tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
     cuda = [t for t in tensors if t.is_cuda]
@@ -111,7 +111,7 @@ def _compile_for_model(gm: fx.GraphModule, example_inputs, options, kwargs):
     if kwargs.get("mode") not in (None, "default"):
         log.warning("sixbit: torch.compile(mode=%r) is ignored by the sixbit backend", kwargs["mode"])
     asked = SixbitOptions.from_dict(options)
-    opts = asked.for_device(_graph_device(example_inputs))
+    opts = asked.for_device(graph_device(example_inputs))
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     runtime = runtime_for_inputs(example_inputs, opts)
     runtime.compiles += 1

@@ -41,12 +41,13 @@ def capture(model, *args, **kwargs):
 
 
 def context_for(gm, example_inputs, **options):
-    """A private copy of ``gm`` and a fresh CompileContext (with its own runtime) for ``options``."""
-    from .backend import copy_graph_module
+    """A private copy of ``gm`` and a fresh CompileContext (with its own runtime) for ``options``,
+    resolved for the inputs' device as the backend resolves them (``activation="auto"``)."""
+    from .backend import copy_graph_module, graph_device
     from .context import CompileContext
     from .options import SixbitOptions
     from .runtime import SixbitRuntime
 
-    opts = SixbitOptions.from_dict(options)
+    opts = SixbitOptions.from_dict(options).for_device(graph_device(example_inputs))
     gm = copy_graph_module(gm)
     return gm, CompileContext.for_graph(gm, example_inputs, opts, runtime=SixbitRuntime(opts))

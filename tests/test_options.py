@@ -102,3 +102,12 @@ def test_a_bad_calibration_file_is_refused_at_compile_time(tmp_path):
     bad.write_text("{}")
     with pytest.raises(SixbitOptionError, match="'calibration'.*not a readable calibration file"):
         SixbitOptions.from_dict({"calibration": str(bad)})
+
+
+def test_pass_test_contexts_resolve_auto_like_the_backend():
+    from conftest import capture, context_for
+    from models import tiny_wan, wan_inputs
+
+    gm, ex = capture(tiny_wan(num_layers=2), **wan_inputs())
+    _, ctx = context_for(gm, ex)  # CPU inputs: "auto" is DMPQ, as torch.compile(backend="sixbit") runs it
+    assert ctx.options.activation == "dynamic" and ctx.options.measures_blocks
