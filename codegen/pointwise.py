@@ -5,14 +5,17 @@ This is the expression layer of the region codegen: the prologue and epilogue ch
 and rounded wherever the graph's value is bf16 / fp16 (as eager PyTorch rounds after each op),
 so a generated chain matches the unfused graph within one rounding. A chain holding a layer /
 RMS norm over the last dim (a prologue) runs one program per row with the row in one tile.
-Today it emits standalone kernels; the GEMM templates will take the same expression lines as their
-prologue / epilogue.
+It emits standalone kernels (prologues; an epilogue for NVFP4 / bf16 calls), and
+``codegen.gemm`` puts the same expression lines into the GEMM template as its epilogue.
 
 Index arithmetic is symbolic (sympy): the kernel takes the output's sizes and every input's
 strides as arguments, so one kernel serves every shape of a rank (the token count under
 ``dynamic=True``, a new resolution), and inputs may be non-contiguous or broadcast (stride 0).
-Kernels are cached on disk under ``$SIXBIT_CACHE_DIR`` (default ``~/.cache/sixbit/codegen``),
-keyed by a hash of their source, which depends only on the ops, dtypes and rank.
+An input laid out as the output skips the index arithmetic (a ``SAMEj`` constexpr chosen at
+launch), and offsets are 32-bit where they fit. Kernels are cached on disk under
+``$SIXBIT_CACHE_DIR`` (default ``~/.cache/sixbit/codegen``), named and keyed by a hash of their
+source without comments, which depends only on the ops, dtypes and rank: every block's same
+chain is one kernel.
 """
 
 from __future__ import annotations
