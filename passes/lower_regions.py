@@ -40,7 +40,7 @@ import torch.fx as fx
 
 from sixbit_compiler.codegen import gemm as gemm_codegen
 from sixbit_compiler.codegen.pointwise import REGISTRY, Unsupported, data_inputs, emit_pointwise
-from sixbit_compiler.context import CompileContext
+from sixbit_compiler.context import CompileContext, FusionRegion
 from sixbit_compiler.kernels import interpreting, triton_available
 from sixbit_compiler.ops import LINEAR_EPILOGUE, REGION_KERNEL
 
@@ -75,41 +75,41 @@ def lower_regions(gm: fx.GraphModule, ctx: CompileContext) -> None:
             if any(u not in inside for n in nodes[:-1] for u in n.users):
                 ctx.notes.append(f"codegen: region {region.index} {part}: a value inside is read outside, left unfused")
                 continue
-            if gemm is not None and _fuse_into_gemm(gm, ctx, region.index, part, names[gemm], nodes):
+            if gemm is not None and _fuse_into_gemm(gm, ctx, region, part, names[gemm], nodes):
                 names.pop(gemm)
-            elif not _lower_chain(gm, ctx, region.index, part, nodes):
+            elif not _lower_chain(gm, ctx, region, part, nodes):
                 continue
             for n in nodes:
                 names.pop(n.name, None)
 
 
-def _record(ctx: CompileContext, region: int, kernel) -> None:
+def _record(ctx: CompileContext, region: FusionRegion, kernel) -> None:
     """List ``kernel`` once in ``ctx.kernels`` (blocks share kernels) and under its region."""
     if all(k.key != kernel.key for k in ctx.kernels):
         ctx.kernels.append(kernel)
-    ctx.regions[region].kernels.append(kernel.name)
+    region.kernels.append(kernel.name)
 
 
-def _replace(gm: fx.GraphModule, nodes: list[fx.Node], call: fx.Node, region: int, part: str) -> None:
+def _replace(gm: fx.GraphModule, nodes: list[fx.Node], call: fx.Node, region: FusionRegion, part: str) -> None:
     """Make ``call`` stand for ``nodes[-1]`` and erase ``nodes``."""
     last = nodes[-1]
     call.meta.update({k: v for k, v in last.meta.items() if k in _KEPT_META})
-    call.meta["sixbit_region"] = region
+    call.meta["sixbit_region"] = region.index
     call.meta["sixbit_region_part"] = part
     last.replace_all_uses_with(call)
     for n in reversed(nodes):
         gm.graph.erase_node(n)
 
 
-def _fuse_into_gemm(gm, ctx, region: int, part: str, gemm: fx.Node, nodes: list[fx.Node]) -> bool:
+def _fuse_into_gemm(gm, ctx, region: FusionRegion, part: str, gemm: fx.Node, nodes: list[fx.Node]) -> bool:
     """GEMM + epilogue chain -> one ``sixbit::linear_epilogue``; False if the template refuses."""
     if any(u not in nodes for u in gemm.users):
-        ctx.notes.append(f"codegen: region {region} {part}: the GEMM's output is read outside its epilogue")
+        ctx.notes.append(f"codegen: region {region.index} {part}: the GEMM's output is read outside its epilogue")
         return False
     try:
         kernel = gemm_codegen.emit_gemm_epilogue(gemm, nodes)
     except Unsupported as exc:
-        ctx.notes.append(f"codegen: region {region} {part}: not fused into its GEMM ({exc})")
+        ctx.notes.append(f"codegen: region {region.index} {part}: not fused into its GEMM ({exc})")
         return False
     kernel = gemm_codegen.REGISTRY.setdefault(kernel.key, kernel)
     _record(ctx, region, kernel)
@@ -122,12 +122,12 @@ def _fuse_into_gemm(gm, ctx, region: int, part: str, gemm: fx.Node, nodes: list[
     return True
 
 
-def _lower_chain(gm, ctx, region: int, part: str, nodes: list[fx.Node]) -> bool:
+def _lower_chain(gm, ctx, region: FusionRegion, part: str, nodes: list[fx.Node]) -> bool:
     """A chain -> one ``sixbit::region_kernel``; False (with a note) if the codegen refuses it."""
     try:
         kernel = emit_pointwise(nodes, prefix="prologue" if part == "prologue" else "epilogue")
     except Unsupported as exc:
-        ctx.notes.append(f"codegen: region {region} {part} left unfused: {exc}")
+        ctx.notes.append(f"codegen: region {region.index} {part} left unfused: {exc}")
         return False
     kernel = REGISTRY.setdefault(kernel.key, kernel)
     _record(ctx, region, kernel)
