@@ -177,7 +177,6 @@ def test_pdr_outlier_rule_runs_outlier_layers_bf16_on_a_refresh(tmp_path):
     cal = write_calibration(tmp_path / "c.json", 0.0, 0.05, 0.1)
     compiled = torch.compile(tiny_wan(num_layers=2), backend="sixbit",
                              options={"calibration": cal, "block_cache": True, "cache_policy": "none"})
-    rt = runtime_of_after_call = None
     run_steps(compiled, 1)
     rt = runtime_of(compiled)
     rt.PDR_OUTLIER_RATIO = 0.0  # every layer is an outlier layer now
