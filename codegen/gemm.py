@@ -4,7 +4,7 @@ A GEMM's epilogue chain (``fuse_regions``: bias-free adds and muls such as AdaLN
 residual add, GELU, casts) becomes the tail of the GEMM kernel itself. The generated kernel
 calls ``sixbit_compiler.kernels.gemm.scaled_tile`` — the same main loop and scaling the
 hand-written INT8 GEMM uses, imported rather than copied — and runs the chain's expression
-lines (``codegen.pointwise.expression``) on the fp32 tile in registers before one store. The
+lines (``codegen.pointwise.chain_lines``) on the fp32 tile in registers before one store. The
 GEMM output and every intermediate of the chain never reach HBM.
 
 Numerics: the tile is rounded to the GEMM node's dtype first and each op after it to its
@@ -32,7 +32,7 @@ import torch.fx as fx
 
 from .pointwise import (
     ROUND_BF16_SOURCE, TL_DTYPES, PointwiseKernel, Unsupported, _coordinates, _rank, data_inputs, emit_pointwise,
-    expression, input_offsets, is_row_norm, load_kernel, load_lines, named_source, rounded, value_dtype,
+    chain_lines, input_offsets, is_row_norm, layout_args, load_kernel, load_lines, named_source, rounded, value_dtype,
 )
 
 
@@ -94,12 +94,7 @@ def emit_gemm_epilogue(gemm: fx.Node, chain: list[fx.Node], prefix: str = "gemm_
         f"    g = {rounded('c', value_dtype(gemm))}  # {gemm.name}",
     ]
     lines += load_lines(extras, offsets, "row * N + col")
-    for k, n in enumerate(chain):
-        dtype = value_dtype(n)
-        if dtype not in TL_DTYPES:
-            raise Unsupported(f"{n.name}: dtype {dtype}")
-        lines.append(f"    v{k} = {rounded(expression(n, var), dtype)}  # {n.name}")
-        var[n] = f"v{k}"
+    lines += chain_lines(chain, var, rank)  # no norms here (refused above)
     out_dtype = value_dtype(chain[-1])
     lines.append(f"    tl.store(out_ptr + row * N + col, v{len(chain) - 1}.to({TL_DTYPES[out_dtype]}), mask=mask)")
     alone = emit_pointwise(chain, prefix="epilogue")
@@ -133,8 +128,7 @@ def run_gemm_epilogue(kernel: GemmEpilogueKernel, xq, xs, wq, ws, bias, extras, 
     if out.numel() == 0:
         return out
     strides = [s for v in views for s in v.stride()]
-    same = {f"SAME{j}": v.stride() == out.stride() for j, v in enumerate(views)}
-    reach = max([out.numel()] + [sum((d - 1) * abs(s) for d, s in zip(shape, v.stride())) + 1 for v in views])
+    same, reach = layout_args(views, out)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     load_kernel(kernel)[grid](
         xq, wq, xs.reshape(-1), ws.reshape(-1), bias if bias is not None else out, *views, out,

@@ -224,6 +224,25 @@ def _index_expressions(rank: int, n_inputs: int) -> tuple[list[sympy.Symbol], li
     return sizes, input_offsets(_coordinates(i, sizes), n_inputs)
 
 
+def chain_lines(nodes: list[fx.Node], var: dict[fx.Node, str], rank: int) -> list[str]:
+    """Statements computing each node of the chain as ``v{k}`` in fp32, rounded to the node's
+    dtype as eager rounds each op's result; a layer / RMS norm spans the row tile. Adds each
+    node's variable to ``var``. Raises :class:`Unsupported` for a dtype or op it cannot emit."""
+    lines = []
+    for k, n in enumerate(nodes):
+        dtype = value_dtype(n)
+        if dtype not in TL_DTYPES:
+            raise Unsupported(f"{n.name}: dtype {dtype}")
+        if is_row_norm(n):
+            lines += _norm_lines(n, var, f"v{k}", rank)
+            expr = f"v{k}"
+        else:
+            expr = expression(n, var)
+        var[n] = f"v{k}"
+        lines.append(f"    v{k} = {rounded(expr, dtype)}  # {n.name}")
+    return lines
+
+
 def load_lines(inputs: list[fx.Node], offsets: list[sympy.Expr], same_offset: str) -> list[str]:
     """Statements loading input j as fp32 ``in{j}`` under ``mask``: at ``same_offset`` when the
     constexpr ``SAME{j}`` says it is laid out as the output, else at its sympy offset."""
@@ -331,18 +350,7 @@ def emit_pointwise(nodes: list[fx.Node], prefix: str = "pointwise") -> Pointwise
         lines += ["    i = pid * BLOCK + tl.arange(0, BLOCK)",
                   "    mask = i < n_elements"]
     lines += load_lines(inputs, offsets if rank else [sympy.Integer(0)] * len(inputs), "i")
-    for k, n in enumerate(nodes):
-        dtype = value_dtype(n)
-        if dtype not in TL_DTYPES:
-            raise Unsupported(f"{n.name}: dtype {dtype}")
-        if is_row_norm(n):
-            lines += _norm_lines(n, var, f"v{k}", rank)
-            expr = f"v{k}"
-        else:
-            expr = expression(n, var)
-        var[n] = f"v{k}"
-        expr = rounded(expr, dtype)  # eager rounds each op's result to its dtype
-        lines.append(f"    v{k} = {expr}  # {n.name}")
+    lines += chain_lines(nodes, var, rank)
     out_dtype = value_dtype(out)
     lines.append(f"    tl.store(out_ptr + i, v{len(nodes) - 1}.to({TL_DTYPES[out_dtype]}), mask=mask)")
     name, source, key = named_source(prefix, lines)
@@ -378,6 +386,14 @@ def load_kernel(kernel: PointwiseKernel):
     return _LOADED[path]
 
 
+def layout_args(views: list[torch.Tensor], out: torch.Tensor) -> tuple[dict[str, bool], int]:
+    """The ``SAMEj`` constexprs (input j has the output's strides: read it at the output's
+    offset) and the largest element offset any input or the output reaches (for ``INDEX_64``)."""
+    same = {f"SAME{j}": v.stride() == out.stride() for j, v in enumerate(views)}
+    reach = max([out.numel()] + [sum((d - 1) * abs(s) for d, s in zip(v.shape, v.stride())) + 1 for v in views])
+    return same, reach
+
+
 def run_pointwise(kernel: PointwiseKernel, *tensors: torch.Tensor, block: int = 1024) -> torch.Tensor:
     """Run ``kernel`` on its input tensors (broadcast to a common shape of the kernel's rank)."""
     if len(tensors) != len(kernel.inputs):
@@ -392,8 +408,7 @@ def run_pointwise(kernel: PointwiseKernel, *tensors: torch.Tensor, block: int = 
         return out
     fn = load_kernel(kernel)
     strides = [s for v in views for s in v.stride()]
-    same = {f"SAME{j}": v.stride() == out.stride() for j, v in enumerate(views)}
-    reach = max([n] + [sum((d - 1) * abs(s) for d, s in zip(shape, v.stride())) + 1 for v in views])
+    same, reach = layout_args(views, out)
     warps = 4
     if kernel.rows:  # one program per row, the row in one tile
         import triton

@@ -92,14 +92,16 @@ def encode_rows(x, inv, FP8: tl.constexpr):
 
 @triton.jit
 def fp8_rows(x):
-    """Per-row FP8 e4m3 of fp32 x [R, C], as ``formats.quantize_fp8_rows``: (e4m3 bits as
-    int32, scale [R] with NaN for rows holding NaN). Infinities must already be saturated."""
+    """Per-row FP8 e4m3 of fp32 x [R, C], as ``formats.quantize_fp8_rows``; returns like
+    :func:`int8_rows` (e4m3 bits as int32, scale [R] with NaN for rows holding NaN, row amax,
+    |x| with NaN as 0). Infinities must already be saturated."""
     isnan = is_nan(x)
-    amax = tl.max(tl.where(isnan, 0.0, tl.abs(x)), axis=1)
+    a = tl.where(isnan, 0.0, tl.abs(x))
+    amax = tl.max(a, axis=1)
     has_nan = tl.max(isnan.to(tl.int32), axis=1) > 0
     scale = tl.math.div_rn(amax, 448.0)
     inv = tl.math.div_rn(1.0, tl.where(scale > 0, scale, 1.0))
-    return encode_rows(x, inv, True), where_nan(has_nan, scale)
+    return encode_rows(x, inv, True), where_nan(has_nan, scale), amax, a
 
 
 @triton.jit

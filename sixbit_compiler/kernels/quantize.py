@@ -40,9 +40,7 @@ def _rows_kernel(
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         x = tl.where(x > limit, limit, tl.where(x < -limit, -limit, x))  # ±Inf saturates; NaN passes
         if FP8:
-            q, scale = fp8_rows(x)
-            a = tl.where(is_nan(x), 0.0, tl.abs(x))
-            amax = tl.max(a, axis=1)
+            q, scale, amax, a = fp8_rows(x)
         else:
             q, scale, amax, a = int8_rows(x)
         tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
