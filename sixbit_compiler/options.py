@@ -21,6 +21,7 @@ log = logging.getLogger("sixbit")
 DUMP_DIR_ENV = "SIXBIT_DUMP_DIR"
 LOWERINGS = ("auto", "eager", "inductor")
 CACHE_DTYPES = ("activation", "int8", "fp8")
+CACHE_LOCATIONS = ("auto", "device", "host")
 
 
 #: Named presets: the method's knobs at three points of the speed / fidelity trade-off.
@@ -88,6 +89,10 @@ class SixbitOptions:
     #: per token, or "activation" (the activation dtype, no rounding). INT8 is the default:
     #: at the same bytes it was 4-5x more accurate than FP8 (docs/benchmarks.md).
     cache_dtype: str = "int8"
+    #: Where cached residuals live: "device", "host" (pinned host memory; each entry is
+    #: copied back on a side stream, overlapped with compute: see delta_store.py) or "auto":
+    #: host when the graph runs on a GPU, device on CPU. docs/memory.md has the numbers.
+    cache_location: str = "auto"
     #: Who decides the skips with block_cache: "tdc" (sixbit_compiler/policy.py) or "none"
     #: (only forced schedules from set_skip_schedule). The cache_* numbers are TDC's.
     cache_policy: str = "tdc"
@@ -175,13 +180,18 @@ class SixbitOptions:
                 raise bad(key, "must be an integer >= 0")
         if self.cache_dtype not in CACHE_DTYPES:
             raise bad("cache_dtype", f"must be one of {CACHE_DTYPES}")
+        if self.cache_location not in CACHE_LOCATIONS:
+            raise bad("cache_location", f"must be one of {CACHE_LOCATIONS}")
         if self.lowering not in LOWERINGS:
             raise bad("lowering", f"must be one of {LOWERINGS}")
         if self.timestep_input is not None and not isinstance(self.timestep_input, str):
             raise bad("timestep_input", "must be a graph input name or None")
 
     def for_device(self, device: torch.device | None) -> "SixbitOptions":
-        """These options with ``activation="auto"`` resolved for the device the graph runs on."""
+        """These options with the "auto" choices resolved for the device the graph runs on."""
+        if self.cache_location == "auto":
+            on_gpu = device is not None and device.type == "cuda"
+            return dataclasses.replace(self, cache_location="host" if on_gpu else "device").for_device(device)
         if self.activation != "auto":
             return self
         if device is None or device.type != "cuda" or native_fp4(device):

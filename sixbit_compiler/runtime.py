@@ -29,7 +29,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .context import InputSpec
-from .formats import Precision, dequantize_fp8_rows, dequantize_int8, quantize_fp8_rows, quantize_int8
+from .delta_store import StoredDelta, make_delta_store
+from .formats import Precision
 from .options import SixbitOptions
 from .policy import TDCParams, TDCPolicy
 from .weight_store import STORE
@@ -111,40 +112,6 @@ class StepTracker:
         self._step_conds = set()
 
 
-@dataclasses.dataclass
-class StoredDelta:
-    """A cached block residual, kept in the activation dtype or per-token INT8 / FP8."""
-
-    data: torch.Tensor
-    scale: torch.Tensor | None
-    dtype: torch.dtype
-
-    @property
-    def shape(self):
-        return self.data.shape
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.data, self.scale) if t is not None)
-
-    @classmethod
-    def store(cls, delta: torch.Tensor, how: str) -> "StoredDelta":
-        if how == "int8":
-            codes, scale = quantize_int8(delta)
-            return cls(codes, scale, delta.dtype)
-        if how == "fp8":
-            codes, scale = quantize_fp8_rows(delta)
-            return cls(codes, scale, delta.dtype)
-        return cls(delta, None, delta.dtype)
-
-    def load(self) -> torch.Tensor:
-        if self.scale is None:
-            return self.data
-        if self.data.dtype == torch.int8:
-            return dequantize_int8(self.data, self.scale, self.dtype)
-        return dequantize_fp8_rows(self.data, self.scale, self.dtype)
-
-
 class SixbitRuntime:
     #: Call records are kept for this many recent generations, so a long-running server's
     #: runtime stays small; stats() reports over them.
@@ -165,7 +132,7 @@ class SixbitRuntime:
         # Block cache state (block_regions): residuals per (CFG branch, block), this call's plan.
         self.keeps_residuals = options.block_cache
         self.skip_schedule: Callable[[int, int], Any] | None = None
-        self._deltas: dict[tuple[int, int], list[StoredDelta]] = {}
+        self._deltas = make_delta_store(options.cache_location)
         # Block statistics of the last call, still on the device: block -> [Γ, change].
         self._pending_stats: dict[int, torch.Tensor] = {}
         self.policy = None
@@ -418,18 +385,27 @@ class SixbitRuntime:
         """X + Δ_cached for each residual stream if block ``index`` is skipped in this call, else None.
 
         A residual cached at another shape (a new resolution within what looked like one
-        generation) is never added: the block computes and refreshes it.
+        generation) is never added: the block computes and refreshes it. Called at the start
+        of every cacheable block, so it also starts the host cache's prefetches: a computing
+        block's own entry (its copy overlaps the block) and, ahead of a skip, the next one.
         """
+        key = (self.tracker.branch, index)
         if index not in self._skip_plan:
+            self._deltas.prefetch(key)
+            if index + 1 in self._skip_plan:
+                self._deltas.prefetch((key[0], index + 1))
             return None
-        stored = self._deltas.get((self.tracker.branch, index))
-        if stored is None or any(d.shape != x.shape for d, x in zip(stored, inputs)):
+        shapes = self._deltas.shapes(key)
+        if shapes is None or any(s != x.shape for s, x in zip(shapes, inputs)):
             return None
+        stored = self._deltas.get(key)
+        if index + 1 in self._skip_plan:
+            self._deltas.prefetch((key[0], index + 1))
         if self.records:
             self.records[-1].skipped.append(index)
         if self.policy is not None and self.skip_schedule is None:
             self.policy.skipped(self.tracker.branch, index)
-        self._skipped_at_last_call.add((self.tracker.branch, index))
+        self._skipped_at_last_call.add(key)
         gamma = self._gamma.get(self.tracker.branch)
         if gamma is not None and index < gamma.numel():
             gamma[index] = math.nan  # skipped at this call: no Γ for the next one (DMPQ: INT8)
@@ -455,7 +431,8 @@ class SixbitRuntime:
         the same numerics.
         """
         key = (self.tracker.branch, index)
-        prev = self._deltas.get(key)
+        shapes = self._deltas.shapes(key)
+        prev = self._deltas.get(key) if shapes is not None else None
         stored, gamma, change = [], None, None
         for k, (x, y) in enumerate(zip(inputs, outputs)):
             p = prev[k] if prev is not None and k < len(prev) and prev[k].shape == x.shape else None
@@ -484,7 +461,7 @@ class SixbitRuntime:
             self._pending_outlier_counts[index] = outliers.numel()
         self._pending_stats[index] = vector
         self._skipped_at_last_call.discard(key)
-        self._deltas[key] = stored
+        self._deltas.put(key, stored)
 
     def flush_block_stats(self) -> None:
         """Read the last call's pending block statistics now (one sync; for stats())."""
@@ -519,7 +496,8 @@ class SixbitRuntime:
             self._take_block_stats(record, stats, outliers)
 
     def cache_bytes(self) -> int:
-        return sum(d.nbytes for ds in self._deltas.values() for d in ds)
+        """Bytes of the cached residuals held now (on the device or in host memory)."""
+        return self._deltas.entry_bytes()
 
     def reset(self) -> None:
         """Forget all per-generation state: the next call starts a new generation."""
@@ -762,11 +740,13 @@ def reset(model: torch.nn.Module) -> None:
     runtime_of(model).reset()
 
 
-def _cache_bytes(model: torch.nn.Module) -> int:
+def _cache_bytes(model: torch.nn.Module) -> dict:
     try:
-        return runtime_of(model).cache_bytes()
+        store = runtime_of(model)._deltas
     except LookupError:
-        return 0
+        return {"cache_bytes": 0, "cache_location": None, "cache_pinned_host_bytes": 0}
+    return {"cache_bytes": store.entry_bytes(), "cache_location": store.location,
+            "cache_pinned_host_bytes": store.host_bytes()}
 
 
 def memory_report(model: torch.nn.Module) -> dict:
@@ -775,6 +755,9 @@ def memory_report(model: torch.nn.Module) -> dict:
     ``before_bytes``: every parameter at its original size. ``after_bytes``: what is
     resident now: unreleased parameters at their storage size plus the quantized
     weights in the store. Released parameters count 0 (their storage is empty).
+    ``cache_bytes``: the block cache's residuals held now, in ``cache_location``
+    ("device" or "host"); ``cache_pinned_host_bytes``: pinned host memory the host cache
+    has allocated (kept for the next generation).
     """
     before = after = quantized = released = 0
     n_quantized = 0
@@ -800,6 +783,6 @@ def memory_report(model: torch.nn.Module) -> dict:
         "quantized_weight_bytes": quantized,
         "released_bytes": released,
         "quantized_parameters": n_quantized,
-        "cache_bytes": _cache_bytes(model),
+        **_cache_bytes(model),
         "ratio": before / after if after else float("inf"),
     }

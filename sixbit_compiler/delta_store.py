@@ -1,0 +1,271 @@
+"""Where the temporal delta cache keeps its residuals: on the device, or in pinned host memory.
+
+The cache holds one Δ per (CFG branch, block, residual stream). On Wan2.1-14B at 480p that is
+40 blocks × 2 branches × 168 MB of per-token INT8: 13.4 GB, as much as the quantized weights
+and the activations together. Yet a block's Δ is read only twice per call of its branch: when
+the block is skipped (X + Δ) or when it computes and refreshes Δ (the residual-change
+statistic reads the old one). So the host can hold it:
+
+* ``DeviceDeltaStore``: a dict of device tensors (``cache_location="device"``).
+* ``HostDeltaStore``: one pinned host buffer per entry, reused across generations. A refreshed
+  Δ goes to the host on a side stream (device-to-host copy ordered after the kernel that
+  wrote it); an entry the call will read comes back on the side stream into a fresh device
+  buffer (:meth:`prefetch`), and the compute stream waits for that copy only when it reads it
+  (:meth:`get`). The runtime prefetches a computing block's entry when the block starts (the
+  copy overlaps the block's own compute) and a skipped block's entry one block ahead, so
+  at most two entries are on the device at a time.
+
+Both stores give the same values: the host copy is bit-exact. Safety with the caching
+allocator: a device buffer a side-stream copy reads or writes is ``record_stream``-ed on the
+side stream, so its memory is not reused before the copy finishes, even if the buffer is
+dropped early (a new generation, a new resolution).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from .formats import dequantize_fp8_rows, dequantize_int8, quantize_fp8_rows, quantize_int8
+
+Key = tuple[int, int]  # (CFG branch, block index)
+
+
+@dataclasses.dataclass
+class StoredDelta:
+    """A cached block residual, kept in the activation dtype or per-token INT8 / FP8."""
+
+    data: torch.Tensor
+    scale: torch.Tensor | None
+    dtype: torch.dtype
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.data] if self.scale is None else [self.data, self.scale]
+
+    @classmethod
+    def store(cls, delta: torch.Tensor, how: str) -> "StoredDelta":
+        if how == "int8":
+            codes, scale = quantize_int8(delta)
+            return cls(codes, scale, delta.dtype)
+        if how == "fp8":
+            codes, scale = quantize_fp8_rows(delta)
+            return cls(codes, scale, delta.dtype)
+        return cls(delta, None, delta.dtype)
+
+    def load(self) -> torch.Tensor:
+        if self.scale is None:
+            return self.data
+        if self.data.dtype == torch.int8:
+            return dequantize_int8(self.data, self.scale, self.dtype)
+        return dequantize_fp8_rows(self.data, self.scale, self.dtype)
+
+    def like(self, make) -> "StoredDelta":
+        """A StoredDelta of the same layout whose tensors are ``make(t)`` of this one's."""
+        return StoredDelta(make(self.data), None if self.scale is None else make(self.scale), self.dtype)
+
+
+class PinnedArena:
+    """Host buffers carved out of large pinned slabs.
+
+    PyTorch's pinned-memory allocator rounds every allocation up to a power of two: 80
+    entries of 168 MB would pin 20 GB for 13.4 GB of data. Slabs of ``SLAB_BYTES`` (a power
+    of two; smaller for small entries) are cut into 512-byte aligned pieces instead; an entry
+    larger than a slab gets a slab of its own. Pieces are never returned one by one (the store reuses an entry's
+    buffers from generation to generation); :meth:`release` drops everything.
+    """
+
+    SLAB_BYTES = 1 << 30
+    ALIGN = 512
+
+    def __init__(self, pin: bool):
+        self.pin = pin
+        self._slabs: list[torch.Tensor] = []
+        self._free_at = 0  # offset of the free space in the last slab
+
+    def take(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        size = max(1, -(-nbytes // self.ALIGN)) * self.ALIGN
+        if not self._slabs or self._free_at + size > self._slabs[-1].numel():
+            pow2 = 1 << (size - 1).bit_length()
+            slab_bytes = max(pow2, min(self.SLAB_BYTES, 16 * pow2))  # small entries, small slabs
+            self._slabs.append(torch.empty(slab_bytes, dtype=torch.uint8, pin_memory=self.pin))
+            self._free_at = 0
+        piece = self._slabs[-1][self._free_at : self._free_at + nbytes]
+        self._free_at += size
+        return piece.view(dtype).view(shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.numel() for s in self._slabs)
+
+    def release(self) -> None:
+        self._slabs.clear()
+        self._free_at = 0
+
+
+def _signature(deltas: list[StoredDelta]) -> tuple:
+    return tuple((tuple(t.shape), t.dtype) for d in deltas for t in d.tensors())
+
+
+class DeviceDeltaStore:
+    """Residuals stay where they were computed."""
+
+    location = "device"
+
+    def __init__(self):
+        self._entries: dict[Key, list[StoredDelta]] = {}
+
+    def shapes(self, key: Key) -> list[torch.Size] | None:
+        """The stored streams' shapes (host metadata: no transfer, no sync)."""
+        entry = self._entries.get(key)
+        return None if entry is None else [d.shape for d in entry]
+
+    def get(self, key: Key) -> list[StoredDelta] | None:
+        return self._entries.get(key)
+
+    def put(self, key: Key, deltas: list[StoredDelta]) -> None:
+        self._entries[key] = deltas
+
+    def prefetch(self, key: Key) -> None:
+        pass
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def entry_bytes(self) -> int:
+        """Bytes of the entries held now."""
+        return sum(d.nbytes for ds in self._entries.values() for d in ds)
+
+    def device_bytes(self) -> int:
+        return self.entry_bytes()
+
+    def host_bytes(self) -> int:
+        return 0
+
+
+class HostDeltaStore:
+    """Residuals live in pinned host memory; entries travel on a side stream (module docstring)."""
+
+    location = "host"
+
+    def __init__(self):
+        self._host: dict[Key, list[StoredDelta]] = {}  # buffers, kept across generations
+        self._arena: PinnedArena | None = None
+        self._valid: set[Key] = set()  # entries written in this generation
+        self._incoming: dict[Key, tuple[list[StoredDelta], torch.cuda.Event | None]] = {}
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._device: torch.device | None = None
+
+    # ---- streams --------------------------------------------------------------------
+    def _side_stream(self, device: torch.device):
+        if device.type != "cuda":
+            return None
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    # ---- the store's interface --------------------------------------------------------
+    def shapes(self, key: Key) -> list[torch.Size] | None:
+        if key not in self._valid:
+            return None
+        return [d.shape for d in self._host[key]]
+
+    def put(self, key: Key, deltas: list[StoredDelta]) -> None:
+        """Copy a refreshed entry to its host buffers (asynchronously on CUDA)."""
+        device = deltas[0].data.device
+        self._device = device
+        buffers = self._host.get(key)
+        if buffers is None or _signature(buffers) != _signature(deltas):
+            if self._arena is None:
+                self._arena = PinnedArena(pin=device.type == "cuda")
+            buffers = [d.like(lambda t: self._arena.take(t.shape, t.dtype)) for d in deltas]
+            self._host[key] = buffers
+        side = self._side_stream(device)
+        if side is None:
+            for host, d in zip(buffers, deltas):
+                for h, t in zip(host.tensors(), d.tensors()):
+                    h.copy_(t)
+        else:
+            side.wait_stream(torch.cuda.current_stream(device))  # after the kernel that wrote Δ
+            with torch.cuda.stream(side):
+                for host, d in zip(buffers, deltas):
+                    for h, t in zip(host.tensors(), d.tensors()):
+                        h.copy_(t, non_blocking=True)
+            for d in deltas:
+                for t in d.tensors():
+                    t.record_stream(side)
+        self._valid.add(key)
+        self._incoming.pop(key, None)  # a copy of the previous entry is stale now
+
+    def prefetch(self, key: Key) -> None:
+        """Start bringing an entry to the device, if stored and not already on its way."""
+        if key not in self._valid or key in self._incoming or self._device is None:
+            return
+        device = self._device
+        side = self._side_stream(device)
+        if side is None:
+            self._incoming[key] = ([h.like(lambda t: t.clone()) for h in self._host[key]], None)
+            return
+        main = torch.cuda.current_stream(device)
+        # Allocated on the compute stream; the side stream waits for what is queued there
+        # so far, because this memory may have been freed by a kernel still queued.
+        on_device = [h.like(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device)) for h in self._host[key]]
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            for d, host in zip(on_device, self._host[key]):
+                for t, h in zip(d.tensors(), host.tensors()):
+                    t.copy_(h, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(side)
+        for d in on_device:
+            for t in d.tensors():
+                t.record_stream(side)
+        self._incoming[key] = (on_device, done)
+
+    def get(self, key: Key) -> list[StoredDelta] | None:
+        """The entry on the device, ready for the compute stream (it waits for the copy)."""
+        if key not in self._valid:
+            return None
+        self.prefetch(key)
+        on_device, done = self._incoming.pop(key)
+        if done is not None:
+            torch.cuda.current_stream(self._device).wait_event(done)
+        return on_device
+
+    def clear(self) -> None:
+        """Forget every entry (buffers stay allocated for the next generation)."""
+        self._valid.clear()
+        self._incoming.clear()
+
+    def release(self) -> None:
+        """Free the host buffers too."""
+        self.clear()
+        self._host.clear()
+        if self._arena is not None:
+            self._arena.release()
+
+    def entry_bytes(self) -> int:
+        """Bytes of the entries held now (in host memory)."""
+        return sum(d.nbytes for key in self._valid for d in self._host[key])
+
+    def device_bytes(self) -> int:
+        """Bytes of entries on their way to, or waiting on, the device."""
+        return sum(d.nbytes for ds, _ in self._incoming.values() for d in ds)
+
+    def host_bytes(self) -> int:
+        """Pinned host bytes allocated (kept across generations for reuse)."""
+        return 0 if self._arena is None else self._arena.nbytes
+
+
+def make_delta_store(location: str):
+    return HostDeltaStore() if location == "host" else DeviceDeltaStore()
