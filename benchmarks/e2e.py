@@ -97,26 +97,36 @@ def scheduler_for(family, steps, device):
     return sched
 
 
-def sample(model, family, x, cond, uncond, steps, guidance, device, call_times):
-    """The pipeline's loop: Wan calls the model once per CFG branch, CogVideoX batches them."""
+def sample(model, family, x, cond, uncond, steps, guidance, device, call_times, record=None):
+    """The pipeline's loop: Wan calls the model once per CFG branch, CogVideoX batches them.
+    ``record``: (step index, context manager) wrapped around that step's calls."""
     sched = scheduler_for(family, steps, device)
     both = torch.cat([uncond, cond]) if family == "cogvideox" else None  # once, as the pipeline does
-    for t in sched.timesteps:
-        t0 = time.perf_counter()
-        if family == "wan":
-            tt = t.expand(x.shape[0])
-            c = model(hidden_states=x, timestep=tt, encoder_hidden_states=cond, return_dict=False)[0]
-            u = model(hidden_states=x, timestep=tt, encoder_hidden_states=uncond, return_dict=False)[0]
-            calls = 2
+    for i, t in enumerate(sched.timesteps):
+        if record is not None and record[0] == i:
+            with record[1]:
+                x = _step(model, family, x, cond, uncond, both, t, sched, guidance, device, call_times)
         else:
-            xin = torch.cat([x, x])
-            out = model(hidden_states=xin, timestep=t.expand(2), encoder_hidden_states=both, return_dict=False)[0]
-            u, c = out.chunk(2)
-            calls = 1
-        sync(device)
-        call_times.extend([(time.perf_counter() - t0) / calls] * calls)
-        x = sched.step(u + guidance * (c - u), t, x, return_dict=False)[0]
+            x = _step(model, family, x, cond, uncond, both, t, sched, guidance, device, call_times)
     return x
+
+
+def _step(model, family, x, cond, uncond, both, t, sched, guidance, device, call_times):
+    """One denoising step; appends the time per model call."""
+    t0 = time.perf_counter()
+    if family == "wan":
+        tt = t.expand(x.shape[0])
+        c = model(hidden_states=x, timestep=tt, encoder_hidden_states=cond, return_dict=False)[0]
+        u = model(hidden_states=x, timestep=tt, encoder_hidden_states=uncond, return_dict=False)[0]
+        calls = 2
+    else:
+        xin = torch.cat([x, x])
+        out = model(hidden_states=xin, timestep=t.expand(2), encoder_hidden_states=both, return_dict=False)[0]
+        u, c = out.chunk(2)
+        calls = 1
+    sync(device)
+    call_times.extend([(time.perf_counter() - t0) / calls] * calls)
+    return sched.step(u + guidance * (c - u), t, x, return_dict=False)[0]
 
 
 def sync(device):
@@ -125,8 +135,11 @@ def sync(device):
 
 
 def prepare(mode, model, device, num_blocks):
-    """The model as the mode runs it, plus a post-compile hook."""
+    """The model as the mode runs it, plus a post-compile hook. A sixbit mode may end in
+    "@host" or "@device": where its block cache lives (option cache_location)."""
     import sixbit_compiler
+
+    mode, _, location = mode.partition("@")
 
     if mode == "bf16_eager":
         return model, None
@@ -154,6 +167,8 @@ def prepare(mode, model, device, num_blocks):
         options = {"activation": "int8", "codegen": True}
     else:
         options = {"activation": "int8", "block_cache": skip is not None, "cache_policy": "none"}
+    if location:
+        options["cache_location"] = location
     compiled = torch.compile(model, backend="sixbit", options=options)
 
     def after_first_call(m):
@@ -164,7 +179,7 @@ def prepare(mode, model, device, num_blocks):
     return compiled, after_first_call
 
 
-def run_mode(mode, workload, steps, device):
+def run_mode(mode, workload, steps, device, memory_breakdown=False):
     import sixbit_compiler
     from sixbit_compiler.quality import fidelity
 
@@ -189,15 +204,28 @@ def run_mode(mode, workload, steps, device):
         out = sample(runnable, family, x, cond, uncond, steps, guidance, device, call_times)
         sync(device)
         loop = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+        breakdown = None
+        if memory_breakdown and device.type == "cuda":  # a fresh 2-step generation, step 1 recorded
+            from memory_peak import PeakRecorder
+
+            recorder = PeakRecorder()
+            sample(runnable, family, x, cond, uncond, 2, guidance, device, [], record=(1, recorder))
+            breakdown = recorder.breakdown()
     result = {
         "loop_s": loop, "call_median_s": sorted(call_times)[len(call_times) // 2], "calls": len(call_times),
+        "call_times_s": [round(t, 4) for t in call_times[::2 if family == "wan" else 1]],  # one per step
         "first_call_s": first, "weights_bf16_bytes": weights,
-        "peak_allocated_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
+        "peak_allocated_bytes": peak,
     }
+    if breakdown is not None:
+        result["memory_at_peak_step1"] = breakdown
     if mode.startswith("sixbit"):
         mem = sixbit_compiler.memory_report(runnable)
         s = sixbit_compiler.stats(runnable)["last_generation"]
-        result.update(weights_bytes=mem["after_bytes"], cache_bytes=mem["cache_bytes"], skip_rate=s["skip_rate"],
+        result.update(weights_bytes=mem["after_bytes"], cache_bytes=mem["cache_bytes"],
+                      cache_location=mem["cache_location"], cache_pinned_host_bytes=mem["cache_pinned_host_bytes"],
+                      skip_rate=s["skip_rate"],
                       precision_counts=s["precision_counts"], avg_activation_bits=s["avg_activation_bits"],
                       syncs_per_call=s["syncs_per_call"])
     return result, out.float().cpu(), fidelity
@@ -209,6 +237,10 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--memory-breakdown", action="store_true",
+                    help="per mode, record a 2-step generation's step 1 and list what is alive at its peak")
+    ap.add_argument("--reference", help="file for the bf16_eager latents: written when that mode runs, read "
+                    "otherwise (fidelity across commands, e.g. W-14B's modes one command each)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     out_dir = os.environ.get("OUT", "out")
@@ -218,12 +250,17 @@ def main(argv=None):
               "card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "sdpa": "default backend (cuDNN on torch 2.11 + H100)" if device.type == "cuda" else "default", "modes": {}}
     reference = None
+    if args.reference and os.path.exists(args.reference) and "bf16_eager" not in args.modes.split(","):
+        reference = torch.load(args.reference)
+        report["reference"] = args.reference
     for mode in args.modes.split(","):
         torch._dynamo.reset()
         try:
-            result, latents, fidelity = run_mode(mode, args.workload, args.steps, device)
+            result, latents, fidelity = run_mode(mode, args.workload, args.steps, device, args.memory_breakdown)
             if mode == "bf16_eager":
                 reference = latents
+                if args.reference:
+                    torch.save(latents, args.reference)
             if reference is not None:
                 result["fidelity_vs_bf16"] = fidelity(latents, reference)
         except Exception as exc:  # record and go on: one failing mode must not hide the others

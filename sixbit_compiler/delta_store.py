@@ -8,8 +8,8 @@ statistic reads the old one). So the host can hold it:
 
 * ``DeviceDeltaStore``: a dict of device tensors (``cache_location="device"``).
 * ``HostDeltaStore``: one pinned host buffer per entry, reused across generations. A refreshed
-  Δ goes to the host on a side stream (device-to-host copy ordered after the kernel that
-  wrote it); an entry the call will read comes back on the side stream into a fresh device
+  Δ goes to the host on a copy stream (device-to-host, ordered after the kernel that wrote
+  it); an entry the call will read comes back on another copy stream into a fresh device
   buffer (:meth:`prefetch`), and the compute stream waits for that copy only when it reads it
   (:meth:`get`). The runtime prefetches a computing block's entry when the block starts (the
   copy overlaps the block's own compute) and a skipped block's entry one block ahead, so
@@ -154,24 +154,36 @@ class DeviceDeltaStore:
 
 
 class HostDeltaStore:
-    """Residuals live in pinned host memory; entries travel on a side stream (module docstring)."""
+    """Residuals live in pinned host memory; entries travel on side streams (module docstring).
+
+    Two copy streams, one per direction, so a refresh going out and a prefetch coming in
+    overlap (PCIe is full duplex). A host buffer is the only thing both touch: a copy out
+    waits for the last copy in from the same buffer, and the other way round (per-entry
+    events). At most ``MAX_OUTGOING`` refreshes may be in flight: their device buffers cannot
+    be reused before the copy ends, so a CPU running far ahead of the GPU would pile them up;
+    past the bound the CPU waits for the oldest (an event wait, not a device-to-host transfer).
+    """
 
     location = "host"
+    MAX_OUTGOING = 2
 
     def __init__(self):
         self._host: dict[Key, list[StoredDelta]] = {}  # buffers, kept across generations
         self._arena: PinnedArena | None = None
         self._valid: set[Key] = set()  # entries written in this generation
         self._incoming: dict[Key, tuple[list[StoredDelta], torch.cuda.Event | None]] = {}
-        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._written: dict[Key, torch.cuda.Event] = {}  # last copy out to the entry's host buffer
+        self._read: dict[Key, torch.cuda.Event] = {}  # last copy in from it
+        self._outgoing: list[torch.cuda.Event] = []
+        self._streams: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
         self._device: torch.device | None = None
 
-    # ---- streams --------------------------------------------------------------------
-    def _side_stream(self, device: torch.device):
+    def _copy_streams(self, device: torch.device):
+        """(host-to-device, device-to-host) streams, or None off CUDA (copies run inline)."""
         if device.type != "cuda":
             return None
         if device not in self._streams:
-            self._streams[device] = torch.cuda.Stream(device)
+            self._streams[device] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
         return self._streams[device]
 
     # ---- the store's interface --------------------------------------------------------
@@ -190,46 +202,60 @@ class HostDeltaStore:
                 self._arena = PinnedArena(pin=device.type == "cuda")
             buffers = [d.like(lambda t: self._arena.take(t.shape, t.dtype)) for d in deltas]
             self._host[key] = buffers
-        side = self._side_stream(device)
-        if side is None:
+            self._read.pop(key, None)
+        streams = self._copy_streams(device)
+        self._valid.add(key)
+        self._incoming.pop(key, None)  # a copy of the previous entry is stale now
+        if streams is None:
             for host, d in zip(buffers, deltas):
                 for h, t in zip(host.tensors(), d.tensors()):
                     h.copy_(t)
-        else:
-            side.wait_stream(torch.cuda.current_stream(device))  # after the kernel that wrote Δ
-            with torch.cuda.stream(side):
-                for host, d in zip(buffers, deltas):
-                    for h, t in zip(host.tensors(), d.tensors()):
-                        h.copy_(t, non_blocking=True)
-            for d in deltas:
-                for t in d.tensors():
-                    t.record_stream(side)
-        self._valid.add(key)
-        self._incoming.pop(key, None)  # a copy of the previous entry is stale now
+            return
+        out = streams[1]
+        out.wait_stream(torch.cuda.current_stream(device))  # after the kernel that wrote Δ
+        if key in self._read:
+            out.wait_event(self._read.pop(key))  # the old entry has left this buffer
+        with torch.cuda.stream(out):
+            for host, d in zip(buffers, deltas):
+                for h, t in zip(host.tensors(), d.tensors()):
+                    h.copy_(t, non_blocking=True)
+            written = torch.cuda.Event()
+            written.record(out)
+        for d in deltas:
+            for t in d.tensors():
+                t.record_stream(out)
+        self._written[key] = written
+        self._outgoing.append(written)
+        if len(self._outgoing) > self.MAX_OUTGOING:
+            self._outgoing.pop(0).synchronize()
 
     def prefetch(self, key: Key) -> None:
         """Start bringing an entry to the device, if stored and not already on its way."""
         if key not in self._valid or key in self._incoming or self._device is None:
             return
         device = self._device
-        side = self._side_stream(device)
-        if side is None:
+        streams = self._copy_streams(device)
+        if streams is None:
             self._incoming[key] = ([h.like(lambda t: t.clone()) for h in self._host[key]], None)
             return
+        into = streams[0]
         main = torch.cuda.current_stream(device)
-        # Allocated on the compute stream; the side stream waits for what is queued there
-        # so far, because this memory may have been freed by a kernel still queued.
+        # Allocated on the compute stream; the copy waits for what is queued there so far,
+        # because this memory may have been freed by a kernel still queued.
         on_device = [h.like(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device)) for h in self._host[key]]
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
+        into.wait_stream(main)
+        if key in self._written:
+            into.wait_event(self._written[key])  # the entry has fully arrived in host memory
+        with torch.cuda.stream(into):
             for d, host in zip(on_device, self._host[key]):
                 for t, h in zip(d.tensors(), host.tensors()):
                     t.copy_(h, non_blocking=True)
             done = torch.cuda.Event()
-            done.record(side)
+            done.record(into)
         for d in on_device:
             for t in d.tensors():
-                t.record_stream(side)
+                t.record_stream(into)
+        self._read[key] = done
         self._incoming[key] = (on_device, done)
 
     def get(self, key: Key) -> list[StoredDelta] | None:

@@ -27,6 +27,47 @@ def test_e2e_benchmark_smoke(workload, tmp_path, monkeypatch):
     assert (tmp_path / f"e2e_{workload}.json").exists()
 
 
+def test_e2e_modes_across_commands_share_the_reference_and_pick_the_cache_location(tmp_path, monkeypatch):
+    monkeypatch.setenv("OUT", str(tmp_path))
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import e2e
+    finally:
+        sys.path.pop(0)
+    ref = str(tmp_path / "ref.pt")
+    common = ["--workload", "tiny-wan", "--steps", "3", "--reference", ref]
+    first = e2e.main(common + ["--modes", "bf16_eager"])["modes"]
+    second = e2e.main(common + ["--modes", "sixbit_int8_skip50@host,sixbit_int8_skip50@device"])["modes"]
+    assert "failed" not in first["bf16_eager"] and os.path.exists(ref)
+    host, device = second["sixbit_int8_skip50@host"], second["sixbit_int8_skip50@device"]
+    assert host["cache_location"] == "host" and device["cache_location"] == "device"
+    assert host["fidelity_vs_bf16"] == device["fidelity_vs_bf16"]  # same values wherever the cache lives
+    assert 0 < host["fidelity_vs_bf16"]["relative_l2"] < 0.5
+
+
+def test_memory_peak_replay():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        from memory_peak import peak_from_trace
+    finally:
+        sys.path.pop(0)
+    frame = [{"filename": "/x/site-packages/torch/nn/functional.py", "line": 1, "name": "linear"},
+             {"filename": "/repo/sixbit_compiler/runtime.py", "line": 7, "name": "block_computed"}]
+    events = [
+        {"action": "alloc", "addr": 1, "size": 100, "frames": frame},
+        {"action": "alloc", "addr": 2, "size": 50, "frames": []},
+        {"action": "free_requested", "addr": 1, "size": 100},  # not freed yet (stream use)
+        {"action": "free_completed", "addr": 9, "size": 30},  # allocated before the recording
+        {"action": "alloc", "addr": 3, "size": 10, "frames": []},
+        {"action": "free_completed", "addr": 1, "size": 100},
+        {"action": "alloc", "addr": 4, "size": 60, "frames": []},
+    ]
+    out = peak_from_trace(events, baseline=1000)
+    assert out["peak_bytes"] == 1150 and out["live_at_peak_bytes"] == 150
+    assert [e["mb"] for e in out["live_at_peak"]] == [0.0, 0.0]
+    assert out["live_at_peak"][0]["where"] == ["sixbit_compiler/runtime.py:7 block_computed"]
+
+
 def test_block_benchmark_smoke(tmp_path, monkeypatch):
     monkeypatch.setenv("OUT", str(tmp_path))
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
