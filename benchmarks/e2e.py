@@ -10,8 +10,10 @@ Modes: bf16_eager (SDPA default backend), inductor (whole-model torch.compile), 
 sixbit_nvfp4, sixbit_dynamic (DMPQ, shipped calibration), sixbit_dynamic_int8 (DMPQ's
 bookkeeping with a zero budget, so every layer stays INT8: compare with sixbit_int8),
 sixbit_int8_cache (block regions, nothing skipped: the mechanism's cost) and forced skip
-schedules sixbit_int8_skip33 / _skip50 (a third / half of the blocks skipped after the first
-step: the mechanism, not the policy), and the presets sixbit_quality / _balanced / _fast.
+schedules sixbit_int8_skip33 / _skip50 / _skipNN (a third / half / NN % of the blocks skipped
+after the first step: the mechanism, not the policy), and the presets sixbit_quality /
+_balanced / _fast. A sixbit mode ending in "@host" / "@device" sets where its block cache
+lives (option cache_location; default: host on a GPU).
 
 Per mode: loop time, median time per model call, first call (compile) time, weight bytes,
 cache bytes, peak allocated during the loop, fidelity of the final latents to bf16 eager
@@ -154,7 +156,9 @@ def prepare(mode, model, device, num_blocks):
             from torchao.quantization import float8_dynamic_activation_float8_weight as fp8_config
         quantize_(model, fp8_config(granularity=PerRow()))
         return torch.compile(model), None
-    skip = {"sixbit_int8_cache": 0.0, "sixbit_int8_skip33": 1 / 3, "sixbit_int8_skip50": 0.5}.get(mode)
+    skip = {"sixbit_int8_cache": 0.0, "sixbit_int8_skip33": 1 / 3}.get(mode)
+    if skip is None and mode.startswith("sixbit_int8_skip"):  # sixbit_int8_skipNN: NN % of the blocks
+        skip = int(mode.removeprefix("sixbit_int8_skip")) / 100
     if mode in ("sixbit_quality", "sixbit_balanced", "sixbit_fast"):
         options = {"preset": mode.split("_", 1)[1]}
     elif mode == "sixbit_dynamic":

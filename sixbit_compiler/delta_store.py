@@ -16,9 +16,9 @@ statistic reads the old one). So the host can hold it:
   at most two entries are on the device at a time.
 
 Both stores give the same values: the host copy is bit-exact. Safety with the caching
-allocator: a device buffer a side-stream copy reads or writes is ``record_stream``-ed on the
-side stream, so its memory is not reused before the copy finishes, even if the buffer is
-dropped early (a new generation, a new resolution).
+allocator: a refreshed Δ being copied out is ``record_stream``-ed on its copy stream, so its
+memory is not reused before the copy ends; a prefetched buffer is only ever read or dropped
+after the compute stream waited for its copy, so it frees at once.
 """
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ class HostDeltaStore:
             self._read.pop(key, None)
         streams = self._copy_streams(device)
         self._valid.add(key)
-        self._incoming.pop(key, None)  # a copy of the previous entry is stale now
+        self._drop_incoming(key)  # a copy of the previous entry is stale now
         if streams is None:
             for host, d in zip(buffers, deltas):
                 for h, t in zip(host.tensors(), d.tensors()):
@@ -252,11 +252,17 @@ class HostDeltaStore:
                     t.copy_(h, non_blocking=True)
             done = torch.cuda.Event()
             done.record(into)
-        for d in on_device:
-            for t in d.tensors():
-                t.record_stream(into)
+        # No record_stream here: the compute stream waits for ``done`` before it reads the
+        # buffers or drops them unread (_drop_incoming), so they free as soon as it is done.
         self._read[key] = done
         self._incoming[key] = (on_device, done)
+
+    def _drop_incoming(self, key: Key) -> None:
+        """Forget an entry's device copy; the compute stream first waits for the copy to land
+        (its memory must not be reused under a copy still writing it)."""
+        entry = self._incoming.pop(key, None)
+        if entry is not None and entry[1] is not None:
+            torch.cuda.current_stream(self._device).wait_event(entry[1])
 
     def get(self, key: Key) -> list[StoredDelta] | None:
         """The entry on the device, ready for the compute stream (it waits for the copy)."""
@@ -271,7 +277,8 @@ class HostDeltaStore:
     def clear(self) -> None:
         """Forget every entry (buffers stay allocated for the next generation)."""
         self._valid.clear()
-        self._incoming.clear()
+        for key in list(self._incoming):
+            self._drop_incoming(key)
 
     def release(self) -> None:
         """Free the host buffers too."""
