@@ -209,29 +209,26 @@ def run_mode(mode, workload, steps, device, memory_breakdown=False):
         sync(device)
         loop = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-        breakdown = None
+        result = {
+            "loop_s": loop, "call_median_s": sorted(call_times)[len(call_times) // 2], "calls": len(call_times),
+            "call_times_s": [round(t, 4) for t in call_times[::2 if family == "wan" else 1]],  # one per step
+            "first_call_s": first, "weights_bf16_bytes": weights,
+            "peak_allocated_bytes": peak,
+        }
+        if mode.startswith("sixbit"):  # before anything else runs: the loop is the last generation
+            mem = sixbit_compiler.memory_report(runnable)
+            s = sixbit_compiler.stats(runnable)["last_generation"]
+            result.update(weights_bytes=mem["after_bytes"], cache_bytes=mem["cache_bytes"],
+                          cache_location=mem["cache_location"], cache_pinned_host_bytes=mem["cache_pinned_host_bytes"],
+                          skip_rate=s["skip_rate"],
+                          precision_counts=s["precision_counts"], avg_activation_bits=s["avg_activation_bits"],
+                          syncs_per_call=s["syncs_per_call"])
         if memory_breakdown and device.type == "cuda":  # a fresh 2-step generation, step 1 recorded
             from memory_peak import PeakRecorder
 
             recorder = PeakRecorder()
             sample(runnable, family, x, cond, uncond, 2, guidance, device, [], record=(1, recorder))
-            breakdown = recorder.breakdown()
-    result = {
-        "loop_s": loop, "call_median_s": sorted(call_times)[len(call_times) // 2], "calls": len(call_times),
-        "call_times_s": [round(t, 4) for t in call_times[::2 if family == "wan" else 1]],  # one per step
-        "first_call_s": first, "weights_bf16_bytes": weights,
-        "peak_allocated_bytes": peak,
-    }
-    if breakdown is not None:
-        result["memory_at_peak_step1"] = breakdown
-    if mode.startswith("sixbit"):
-        mem = sixbit_compiler.memory_report(runnable)
-        s = sixbit_compiler.stats(runnable)["last_generation"]
-        result.update(weights_bytes=mem["after_bytes"], cache_bytes=mem["cache_bytes"],
-                      cache_location=mem["cache_location"], cache_pinned_host_bytes=mem["cache_pinned_host_bytes"],
-                      skip_rate=s["skip_rate"],
-                      precision_counts=s["precision_counts"], avg_activation_bits=s["avg_activation_bits"],
-                      syncs_per_call=s["syncs_per_call"])
+            result["memory_at_peak_step1"] = recorder.breakdown()
     return result, out.float().cpu(), fidelity
 
 
