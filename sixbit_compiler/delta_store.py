@@ -159,13 +159,14 @@ class HostDeltaStore:
     Two copy streams, one per direction, so a refresh going out and a prefetch coming in
     overlap (PCIe is full duplex). A host buffer is the only thing both touch: a copy out
     waits for the last copy in from the same buffer, and the other way round (per-entry
-    events). At most ``MAX_OUTGOING`` refreshes may be in flight: their device buffers cannot
-    be reused before the copy ends, so a CPU running far ahead of the GPU would pile them up;
-    past the bound the CPU waits for the oldest (an event wait, not a device-to-host transfer).
+    events). Refreshes in flight hold device memory (their buffers cannot be reused before the
+    copy ends), so a CPU running far ahead of the GPU would pile them up: past
+    ``MAX_OUTGOING_BYTES`` the CPU waits for the oldest (an event wait, not a device-to-host
+    transfer). Small models never reach the bound, so their CPU runs ahead freely.
     """
 
     location = "host"
-    MAX_OUTGOING = 2
+    MAX_OUTGOING_BYTES = 384 << 20  # two W-14B entries (168 MB each)
 
     def __init__(self):
         self._host: dict[Key, list[StoredDelta]] = {}  # buffers, kept across generations
@@ -174,7 +175,7 @@ class HostDeltaStore:
         self._incoming: dict[Key, tuple[list[StoredDelta], torch.cuda.Event | None]] = {}
         self._written: dict[Key, torch.cuda.Event] = {}  # last copy out to the entry's host buffer
         self._read: dict[Key, torch.cuda.Event] = {}  # last copy in from it
-        self._outgoing: list[torch.cuda.Event] = []
+        self._outgoing: list[tuple[torch.cuda.Event, int]] = []  # (copy done, bytes)
         self._streams: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
         self._device: torch.device | None = None
 
@@ -225,9 +226,10 @@ class HostDeltaStore:
             for t in d.tensors():
                 t.record_stream(out)
         self._written[key] = written
-        self._outgoing.append(written)
-        if len(self._outgoing) > self.MAX_OUTGOING:
-            self._outgoing.pop(0).synchronize()
+        self._outgoing = [(e, n) for e, n in self._outgoing if not e.query()]
+        self._outgoing.append((written, sum(d.nbytes for d in deltas)))
+        while len(self._outgoing) > 1 and sum(n for _, n in self._outgoing) > self.MAX_OUTGOING_BYTES:
+            self._outgoing.pop(0)[0].synchronize()
 
     def prefetch(self, key: Key) -> None:
         """Start bringing an entry to the device, if stored and not already on its way."""
