@@ -142,6 +142,8 @@ class DeviceDeltaStore:
     def clear(self) -> None:
         self._entries.clear()
 
+    release = clear  # nothing is kept between generations
+
     def entry_bytes(self) -> int:
         """Bytes of the entries held now."""
         return sum(d.nbytes for ds in self._entries.values() for d in ds)

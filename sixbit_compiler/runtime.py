@@ -513,6 +513,11 @@ class SixbitRuntime:
             if self.policy:
                 self.policy.reset()
 
+    def free_cache_memory(self) -> None:
+        """Release whatever the block cache keeps allocated between generations."""
+        with self._lock:
+            self._deltas.release()
+
     def _log_generation_summary(self, generation: int) -> None:
         """One log line per finished generation (and, with a dump dir, its blocks x calls heatmap).
         A generation is known to be finished when the next one starts, or at reset()."""
@@ -735,9 +740,16 @@ def evenly_spaced_skips(num_blocks: int, fraction: float, compute_first_steps: i
     return schedule
 
 
-def reset(model: torch.nn.Module) -> None:
-    """Start a new generation on the next call (e.g. after an interrupted one)."""
-    runtime_of(model).reset()
+def reset(model: torch.nn.Module, free_cache_memory: bool = False) -> None:
+    """Start a new generation on the next call (e.g. after an interrupted one).
+
+    The block cache's entries are dropped either way; its pinned host buffers
+    (``cache_location="host"``) are kept for the next generation unless
+    ``free_cache_memory`` (e.g. before switching a server to another model)."""
+    rt = runtime_of(model)
+    rt.reset()
+    if free_cache_memory:
+        rt.free_cache_memory()
 
 
 def _cache_bytes(model: torch.nn.Module) -> dict:

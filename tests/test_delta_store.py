@@ -126,6 +126,11 @@ def test_host_cache_gives_the_device_cache_outputs_exactly(device):
     assert rep_d["cache_location"] == "device" and rep_h["cache_location"] == "host"
     assert rep_d["cache_bytes"] == rep_h["cache_bytes"] > 0
     assert rep_h["cache_pinned_host_bytes"] >= rep_h["cache_bytes"] and rep_d["cache_pinned_host_bytes"] == 0
+    sixbit_compiler.reset(model_h)  # entries go, buffers stay for the next generation
+    rep = sixbit_compiler.memory_report(model_h)
+    assert rep["cache_bytes"] == 0 and rep["cache_pinned_host_bytes"] == rep_h["cache_pinned_host_bytes"]
+    sixbit_compiler.reset(model_h, free_cache_memory=True)
+    assert sixbit_compiler.memory_report(model_h)["cache_pinned_host_bytes"] == 0
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA streams")
