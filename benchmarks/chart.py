@@ -2,8 +2,9 @@
 
 Reads the end-to-end results in benchmarks/results/ and draws one panel per workload:
 
-* W-1.3B (H100) and C-2B (H200), 50 steps: speed-up of the sampling loop over bf16 eager in
-  the same command (x: PSNR of the output against bf16, random weights);
+* W-1.3B and W-14B (H100) and C-2B (H200), 50 steps: speed-up of the sampling loop over bf16
+  eager in the same command (W-14B: the same card model, two commands; Inductor from a 10-step
+  command with its own baseline) (x: PSNR of the output against bf16, random weights);
 * REF (H100, 20 steps, the trained reference model, where fidelity means something): the
   skip rate (the speed lever the policy controls) against PSNR, per preset and per diffusers
   FirstBlockCache threshold.
@@ -52,6 +53,7 @@ def _speed_points(runs):
 
 def panels():
     c2b = _load("e2e_c2b_h200_50steps.json")
+    w14 = [_load("e2e_w14b_h100_50steps.json"), _load("e2e_w14b_h100_inductor_10steps.json")]
     w13 = [_load("method_w13b_h100_50steps.json"), _load("peers_w13b_h100_50steps.json")]
     ref = _load("ref_presets_h100.json")
     fbc = _load("ref_fbc_h100.json")
@@ -63,6 +65,7 @@ def panels():
                 ref_points.append((mode, min(m["fidelity"]["psnr_db"], PSNR_MAX), m.get("skip_rate", 0.0)))
     return [
         ("W-1.3B, H100, 50 steps (random weights)", "speed-up vs bf16 eager", _speed_points(w13)),
+        ("W-14B, H100, 50 steps (random weights)", "speed-up vs bf16 eager", _speed_points(w14)),
         ("C-2B, H200, 50 steps (random weights)", "speed-up vs bf16 eager", _speed_points([c2b["run1"], c2b["run2"]])),
         ("REF, H100, 20 steps (trained model)", "skip rate", ref_points),
     ]
@@ -70,9 +73,10 @@ def panels():
 
 def draw(out_path):
     w, h, pad = 560, 420, 60
-    img = Image.new("RGB", (w * 3, h), "white")
+    drawn = panels()
+    img = Image.new("RGB", (w * len(drawn), h), "white")
     d = ImageDraw.Draw(img)
-    for k, (title, ylabel, points) in enumerate(panels()):
+    for k, (title, ylabel, points) in enumerate(drawn):
         x0, y0, x1, y1 = k * w + pad, 40, (k + 1) * w - 20, h - pad
         xs = [p[1] for p in points] or [0.0]
         ys = [p[2] for p in points] or [1.0]

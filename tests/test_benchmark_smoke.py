@@ -91,11 +91,11 @@ def test_chart_draws_every_workload_from_the_stored_results(tmp_path):
     finally:
         sys.path.pop(0)
     titles = [t for t, _, points in chart.panels() if points]
-    assert len(titles) == 3  # W-1.3B, C-2B, REF: each with points
+    assert len(titles) == 4  # W-1.3B, W-14B, C-2B, REF: each with points
     out = chart.draw(str(tmp_path / "chart.png"))
     from PIL import Image
 
-    assert Image.open(out).size == (3 * 560, 420)
+    assert Image.open(out).size == (4 * 560, 420)
 
 
 def test_ncu_csv_is_summed_per_block_with_attention_apart():
