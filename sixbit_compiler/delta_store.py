@@ -235,6 +235,9 @@ class HostDeltaStore:
 
     def prefetch(self, key: Key) -> None:
         """Start bringing an entry to the device, if stored and not already on its way."""
+        self._start_copy(key)
+
+    def _start_copy(self, key: Key) -> None:
         if key not in self._valid or key in self._incoming or self._device is None:
             return
         device = self._device
@@ -272,7 +275,7 @@ class HostDeltaStore:
         """The entry on the device, ready for the compute stream (it waits for the copy)."""
         if key not in self._valid:
             return None
-        self.prefetch(key)
+        self._start_copy(key)  # no-op if prefetched
         on_device, done = self._incoming.pop(key)
         if done is not None:
             torch.cuda.current_stream(self._device).wait_event(done)

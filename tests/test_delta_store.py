@@ -155,3 +155,48 @@ def test_host_store_copies_are_ordered_after_the_producer_on_a_busy_stream():
     torch.cuda.synchronize()
     assert all(same(g, e) for g, e in zip(got, expected))
     assert all(g[0].data.device.type == "cuda" for g in got)
+
+
+class RecordingStore(HostDeltaStore):
+    """The host store, logging the runtime's requests."""
+
+    def __init__(self):
+        super().__init__()
+        self.log = []
+
+    def prefetch(self, key):
+        self.log.append(("prefetch", key))
+        super().prefetch(key)
+
+    def get(self, key):
+        self.log.append(("get", key))
+        return super().get(key)
+
+    def put(self, key, deltas):
+        self.log.append(("put", key))
+        super().put(key, deltas)
+
+
+def test_runtime_prefetches_a_computing_block_at_its_start_and_a_skipped_one_a_block_ahead():
+    torch._dynamo.reset()
+    model = tiny_wan(num_layers=4)
+    inp = wan_inputs()
+    compiled = torch.compile(model, backend="sixbit", options={"block_cache": True, "cache_location": "host"})
+    with torch.no_grad():
+        compiled(**inp)
+        sixbit_compiler.reset(compiled)
+        store = RecordingStore()
+        sixbit_compiler.runtime_of(model)._deltas = store
+        sixbit_compiler.set_skip_schedule(compiled, sixbit_compiler.evenly_spaced_skips(4, 0.5))  # skips 1 and 3
+        compiled(**{**inp, "timestep": torch.tensor([900])})  # step 0: everything computes and is stored
+        # nothing stored yet: prefetches find nothing, no reads, every block stores its Δ
+        assert store.log == [op for i in range(4) for op in (("prefetch", (0, i)), ("put", (0, i)))]
+        store.log.clear()
+        compiled(**{**inp, "timestep": torch.tensor([800])})  # step 1: blocks 1 and 3 reuse their Δ
+    assert store.log == [
+        ("prefetch", (0, 0)), ("prefetch", (0, 1)), ("get", (0, 0)), ("put", (0, 0)),  # block 0 computes
+        ("get", (0, 1)),  # block 1 skipped: its copy was started at block 0's start
+        ("prefetch", (0, 2)), ("prefetch", (0, 3)), ("get", (0, 2)), ("put", (0, 2)),
+        ("get", (0, 3)),
+    ]
+    assert [c["skipped_blocks"] for c in sixbit_compiler.stats(model)["calls"][-1:]] == [[1, 3]]
