@@ -1,5 +1,6 @@
 """The end-to-end benchmark script runs on CPU with tiny configs (no timing is asserted)."""
 
+import importlib
 import os
 import sys
 
@@ -8,14 +9,19 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def benchmark(name: str):
+    """Import a script from benchmarks/ (not a package) as a module."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
 @pytest.mark.parametrize("workload", ["tiny-wan", "tiny-cogvideox"])
 def test_e2e_benchmark_smoke(workload, tmp_path, monkeypatch):
     monkeypatch.setenv("OUT", str(tmp_path))
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import e2e
-    finally:
-        sys.path.pop(0)
+    e2e = benchmark("e2e")
     report = e2e.main(["--workload", workload, "--steps", "3", "--modes", "bf16_eager,sixbit_int8,sixbit_int8_skip50"])
     modes = report["modes"]
     assert set(modes) == {"bf16_eager", "sixbit_int8", "sixbit_int8_skip50"}
@@ -29,11 +35,7 @@ def test_e2e_benchmark_smoke(workload, tmp_path, monkeypatch):
 
 def test_e2e_modes_across_commands_share_the_reference_and_pick_the_cache_location(tmp_path, monkeypatch):
     monkeypatch.setenv("OUT", str(tmp_path))
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import e2e
-    finally:
-        sys.path.pop(0)
+    e2e = benchmark("e2e")
     ref = str(tmp_path / "ref.pt")
     common = ["--workload", "tiny-wan", "--steps", "3", "--reference", ref]
     first = e2e.main(common + ["--modes", "bf16_eager"])["modes"]
@@ -46,11 +48,7 @@ def test_e2e_modes_across_commands_share_the_reference_and_pick_the_cache_locati
 
 
 def test_memory_peak_replay():
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        from memory_peak import peak_from_trace
-    finally:
-        sys.path.pop(0)
+    peak_from_trace = benchmark("memory_peak").peak_from_trace
     frame = [{"filename": "/x/site-packages/torch/nn/functional.py", "line": 1, "name": "linear"},
              {"filename": "/repo/sixbit_compiler/runtime.py", "line": 7, "name": "block_computed"}]
     events = [
@@ -70,11 +68,7 @@ def test_memory_peak_replay():
 
 def test_block_benchmark_smoke(tmp_path, monkeypatch):
     monkeypatch.setenv("OUT", str(tmp_path))
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import block
-    finally:
-        sys.path.pop(0)
+    block = benchmark("block")
     res = block.main(["--model", "tiny", "--modes", "eager,sixbit,sixbit_fused"])
     modes = res["modes"]
     assert all("error" not in m for m in modes.values()), modes
@@ -85,11 +79,7 @@ def test_block_benchmark_smoke(tmp_path, monkeypatch):
 
 
 def test_chart_draws_every_workload_from_the_stored_results(tmp_path):
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import chart
-    finally:
-        sys.path.pop(0)
+    chart = benchmark("chart")
     titles = [t for t, _, points in chart.panels() if points]
     assert len(titles) == 4  # W-1.3B, W-14B, C-2B, REF: each with points
     out = chart.draw(str(tmp_path / "chart.png"))
@@ -99,11 +89,7 @@ def test_chart_draws_every_workload_from_the_stored_results(tmp_path):
 
 
 def test_ncu_csv_is_summed_per_block_with_attention_apart():
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import block
-    finally:
-        sys.path.pop(0)
+    block = benchmark("block")
     header = '"ID","Process ID","Kernel Name","Metric Name","Metric Unit","Metric Value"'
     rows = [
         '"0","1","cudnn_generated_fort_native_sdpa_sm90_flash_fprop","dram__bytes_read.sum","Gbyte","2.5"',
