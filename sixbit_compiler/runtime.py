@@ -528,9 +528,9 @@ class SixbitRuntime:
         s = summarize(records, self)
         log.info(
             "sixbit: generation %d of %s: %d calls, %d steps, skip rate %.2f, precision %s, avg activation bits %.2f "
-            "(computed layers), cache %.1f MB, syncs/call %.2f",
+            "(computed layers), cache %.1f MB on the %s, syncs/call %.2f",
             generation, self.name, s["calls"], s["steps"], s["skip_rate"], s["precision_counts"], s["avg_activation_bits"],
-            self.cache_bytes() / 2**20, s["syncs_per_call"],
+            self.cache_bytes() / 2**20, self._deltas.location, s["syncs_per_call"],
         )
         if self.options.dump_dir and self.block_names and s["steps"] > 1:  # not for a lone warm-up call
             import os
