@@ -24,11 +24,14 @@ after the compute stream waited for its copy, so it frees at once.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 
 import torch
 
 from .formats import dequantize_fp8_rows, dequantize_int8, quantize_fp8_rows, quantize_int8
+
+log = logging.getLogger("sixbit")
 
 Key = tuple[int, int]  # (CFG branch, block index)
 
@@ -98,11 +101,22 @@ class PinnedArena:
         if not self._slabs or self._free_at + size > self._slabs[-1].numel():
             pow2 = 1 << (size - 1).bit_length()
             slab_bytes = max(pow2, min(self.SLAB_BYTES, 16 * pow2))  # small entries, small slabs
-            self._slabs.append(torch.empty(slab_bytes, dtype=torch.uint8, pin_memory=self.pin))
+            self._slabs.append(self._slab(slab_bytes))
             self._free_at = 0
         piece = self._slabs[-1][self._free_at : self._free_at + nbytes]
         self._free_at += size
         return piece.view(dtype).view(shape)
+
+    def _slab(self, nbytes: int) -> torch.Tensor:
+        if self.pin:
+            try:
+                return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            except RuntimeError as exc:  # e.g. a container's locked-memory limit
+                log.warning("sixbit: could not pin %d MB of host memory for the block cache (%s); the cache "
+                            "stays in host memory but its copies are no longer asynchronous. "
+                            "cache_location='device' avoids host memory.", nbytes >> 20, exc)
+                self.pin = False
+        return torch.empty(nbytes, dtype=torch.uint8)
 
     @property
     def nbytes(self) -> int:
@@ -179,7 +193,8 @@ class HostDeltaStore:
         self._read: dict[Key, torch.cuda.Event] = {}  # last copy in from it
         self._outgoing: list[tuple[torch.cuda.Event, int]] = []  # (copy done, bytes)
         self._streams: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
-        self._device: torch.device | None = None
+        # each entry goes back to the device it came from (a model may span GPUs)
+        self._devices: dict[Key, torch.device] = {}
 
     def _copy_streams(self, device: torch.device):
         """(host-to-device, device-to-host) streams, or None off CUDA (copies run inline)."""
@@ -198,7 +213,7 @@ class HostDeltaStore:
     def put(self, key: Key, deltas: list[StoredDelta]) -> None:
         """Copy a refreshed entry to its host buffers (asynchronously on CUDA)."""
         device = deltas[0].data.device
-        self._device = device
+        self._devices[key] = device
         buffers = self._host.get(key)
         if buffers is None or _signature(buffers) != _signature(deltas):
             if self._arena is None:
@@ -238,9 +253,9 @@ class HostDeltaStore:
         self._start_copy(key)
 
     def _start_copy(self, key: Key) -> None:
-        if key not in self._valid or key in self._incoming or self._device is None:
+        if key not in self._valid or key in self._incoming:
             return
-        device = self._device
+        device = self._devices[key]
         streams = self._copy_streams(device)
         if streams is None:
             self._incoming[key] = ([h.like(lambda t: t.clone()) for h in self._host[key]], None)
@@ -269,7 +284,7 @@ class HostDeltaStore:
         (its memory must not be reused under a copy still writing it)."""
         entry = self._incoming.pop(key, None)
         if entry is not None and entry[1] is not None:
-            torch.cuda.current_stream(self._device).wait_event(entry[1])
+            torch.cuda.current_stream(self._devices[key]).wait_event(entry[1])
 
     def get(self, key: Key) -> list[StoredDelta] | None:
         """The entry on the device, ready for the compute stream (it waits for the copy)."""
@@ -278,7 +293,7 @@ class HostDeltaStore:
         self._start_copy(key)  # no-op if prefetched
         on_device, done = self._incoming.pop(key)
         if done is not None:
-            torch.cuda.current_stream(self._device).wait_event(done)
+            torch.cuda.current_stream(self._devices[key]).wait_event(done)
         return on_device
 
     def clear(self) -> None:
@@ -291,6 +306,9 @@ class HostDeltaStore:
         """Free the host buffers too."""
         self.clear()
         self._host.clear()
+        self._written.clear()
+        self._read.clear()
+        self._outgoing.clear()
         if self._arena is not None:
             self._arena.release()
 

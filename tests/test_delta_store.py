@@ -200,3 +200,20 @@ def test_runtime_prefetches_a_computing_block_at_its_start_and_a_skipped_one_a_b
         ("get", (0, 3)),
     ]
     assert [c["skipped_blocks"] for c in sixbit_compiler.stats(model)["calls"][-1:]] == [[1, 3]]
+
+
+def test_an_arena_that_cannot_pin_falls_back_to_pageable_memory_with_one_warning(monkeypatch, caplog):
+    real_empty = torch.empty
+
+    def no_pinning(*args, pin_memory=False, **kwargs):
+        if pin_memory:
+            raise RuntimeError("cannot pin: locked-memory limit")
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", no_pinning)
+    arena = PinnedArena(pin=True)
+    arena.SLAB_BYTES = 4096
+    with caplog.at_level("WARNING", logger="sixbit"):
+        pieces = [arena.take((3000,), torch.int8) for _ in range(3)]  # three slabs
+    assert [p.numel() for p in pieces] == [3000] * 3 and arena.pin is False
+    assert len([r for r in caplog.records if "could not pin" in r.getMessage()]) == 1
