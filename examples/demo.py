@@ -117,7 +117,7 @@ def main(argv=None):
                       "objects_bf16": adh_ref["objects"], "objects_sixbit": adh_out["objects"]},
         "seconds": {"bf16_generation": ref_s, "sixbit_generation": out_s, "sixbit_compile": compile_s},
         "weights_bytes": {"bf16": mem["before_bytes"], "sixbit": mem["after_bytes"]},
-        "cache_bytes": mem["cache_bytes"], "peak_allocated_bytes_sixbit": peak,
+        "cache_bytes": mem["cache_bytes"], "cache_location": mem["cache_location"], "peak_allocated_bytes_sixbit": peak,
         "skip_rate": summary["skip_rate"], "precision_counts": summary["precision_counts"],
         "avg_activation_bits": summary["avg_activation_bits"], "syncs_per_call": summary["syncs_per_call"],
     }
