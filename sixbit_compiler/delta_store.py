@@ -12,8 +12,8 @@ statistic reads the old one). So the host can hold it:
   it); an entry the call will read comes back on another copy stream into a fresh device
   buffer (:meth:`prefetch`), and the compute stream waits for that copy only when it reads it
   (:meth:`get`). The runtime prefetches a computing block's entry when the block starts (the
-  copy overlaps the block's own compute) and a skipped block's entry one block ahead, so
-  at most two entries are on the device at a time.
+  copy overlaps the block's own compute) and a skipped block's entry one block ahead: at most
+  two entries come in at a time, and refreshes still going out are bounded at 384 MiB.
 
 Both stores give the same values: the host copy is bit-exact. Safety with the caching
 allocator: a refreshed Δ being copied out is ``record_stream``-ed on its copy stream, so its
