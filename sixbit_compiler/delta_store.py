@@ -95,12 +95,19 @@ class PinnedArena:
         self._slabs: list[torch.Tensor] = []
         self._free_at = 0  # offset of the free space in the last slab
 
-    def take(self, shape, dtype: torch.dtype) -> torch.Tensor:
+    #: A new slab is only taken while the host keeps this much memory available after it.
+    HOST_RESERVE_BYTES = 4 << 30
+
+    def take(self, shape, dtype: torch.dtype) -> torch.Tensor | None:
+        """A buffer of this shape and dtype, or None if a new slab would leave the host short."""
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         size = max(1, -(-nbytes // self.ALIGN)) * self.ALIGN
         if not self._slabs or self._free_at + size > self._slabs[-1].numel():
             pow2 = 1 << (size - 1).bit_length()
             slab_bytes = max(pow2, min(self.SLAB_BYTES, 16 * pow2))  # small entries, small slabs
+            available = host_available_bytes()
+            if available is not None and slab_bytes > available - self.HOST_RESERVE_BYTES:
+                return None
             self._slabs.append(self._slab(slab_bytes))
             self._free_at = 0
         piece = self._slabs[-1][self._free_at : self._free_at + nbytes]
@@ -125,6 +132,18 @@ class PinnedArena:
     def release(self) -> None:
         self._slabs.clear()
         self._free_at = 0
+
+
+def host_available_bytes() -> int | None:
+    """Host memory available to allocate (Linux MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _signature(deltas: list[StoredDelta]) -> tuple:
@@ -195,6 +214,9 @@ class HostDeltaStore:
         self._streams: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
         # each entry goes back to the device it came from (a model may span GPUs)
         self._devices: dict[Key, torch.device] = {}
+        # entries for which the host had no memory left stay on the device (one warning)
+        self._kept_on_device: dict[Key, list[StoredDelta]] = {}
+        self._warned_host_short = False
 
     def _copy_streams(self, device: torch.device):
         """(host-to-device, device-to-host) streams, or None off CUDA (copies run inline)."""
@@ -206,6 +228,8 @@ class HostDeltaStore:
 
     # ---- the store's interface --------------------------------------------------------
     def shapes(self, key: Key) -> list[torch.Size] | None:
+        if key in self._kept_on_device:
+            return [d.shape for d in self._kept_on_device[key]]
         if key not in self._valid:
             return None
         return [d.shape for d in self._host[key]]
@@ -214,16 +238,22 @@ class HostDeltaStore:
         """Copy a refreshed entry to its host buffers (asynchronously on CUDA)."""
         device = deltas[0].data.device
         self._devices[key] = device
+        self._kept_on_device.pop(key, None)
+        self._drop_incoming(key)  # a copy of the previous entry is stale now
         buffers = self._host.get(key)
         if buffers is None or _signature(buffers) != _signature(deltas):
             if self._arena is None:
                 self._arena = PinnedArena(pin=device.type == "cuda")
             buffers = [d.like(lambda t: self._arena.take(t.shape, t.dtype)) for d in deltas]
-            self._host[key] = buffers
+            self._host.pop(key, None)
+            self._valid.discard(key)
             self._read.pop(key, None)
+            if any(t is None for d in buffers for t in d.tensors()):
+                self._keep_on_device(key, deltas)
+                return
+            self._host[key] = buffers
         streams = self._copy_streams(device)
         self._valid.add(key)
-        self._drop_incoming(key)  # a copy of the previous entry is stale now
         if streams is None:
             for host, d in zip(buffers, deltas):
                 for h, t in zip(host.tensors(), d.tensors()):
@@ -247,6 +277,13 @@ class HostDeltaStore:
         self._outgoing.append((written, sum(d.nbytes for d in deltas)))
         while len(self._outgoing) > 1 and sum(n for _, n in self._outgoing) > self.MAX_OUTGOING_BYTES:
             self._outgoing.pop(0)[0].synchronize()
+
+    def _keep_on_device(self, key: Key, deltas: list[StoredDelta]) -> None:
+        if not self._warned_host_short:
+            self._warned_host_short = True
+            log.warning("sixbit: host memory is short (under %d GB would stay available); block cache entries "
+                        "that do not fit stay on the device from now on", PinnedArena.HOST_RESERVE_BYTES >> 30)
+        self._kept_on_device[key] = deltas
 
     def prefetch(self, key: Key) -> None:
         """Start bringing an entry to the device, if stored and not already on its way."""
@@ -288,6 +325,8 @@ class HostDeltaStore:
 
     def get(self, key: Key) -> list[StoredDelta] | None:
         """The entry on the device, ready for the compute stream (it waits for the copy)."""
+        if key in self._kept_on_device:
+            return self._kept_on_device[key]
         if key not in self._valid:
             return None
         self._start_copy(key)  # no-op if prefetched
@@ -299,6 +338,7 @@ class HostDeltaStore:
     def clear(self) -> None:
         """Forget every entry (buffers stay allocated for the next generation)."""
         self._valid.clear()
+        self._kept_on_device.clear()
         for key in list(self._incoming):
             self._drop_incoming(key)
 
@@ -313,12 +353,15 @@ class HostDeltaStore:
             self._arena.release()
 
     def entry_bytes(self) -> int:
-        """Bytes of the entries held now (in host memory)."""
-        return sum(d.nbytes for key in self._valid for d in self._host[key])
+        """Bytes of the entries held now (in host memory, or kept on the device)."""
+        return sum(d.nbytes for key in self._valid for d in self._host[key]) + self._kept_bytes()
 
     def device_bytes(self) -> int:
-        """Bytes of entries on their way to, or waiting on, the device."""
-        return sum(d.nbytes for ds, _ in self._incoming.values() for d in ds)
+        """Bytes on the device: entries on their way there, and any kept there."""
+        return sum(d.nbytes for ds, _ in self._incoming.values() for d in ds) + self._kept_bytes()
+
+    def _kept_bytes(self) -> int:
+        return sum(d.nbytes for ds in self._kept_on_device.values() for d in ds)
 
     def host_bytes(self) -> int:
         """Pinned host bytes allocated (kept across generations for reuse)."""

@@ -217,3 +217,23 @@ def test_an_arena_that_cannot_pin_falls_back_to_pageable_memory_with_one_warning
         pieces = [arena.take((3000,), torch.int8) for _ in range(3)]  # three slabs
     assert [p.numel() for p in pieces] == [3000] * 3 and arena.pin is False
     assert len([r for r in caplog.records if "could not pin" in r.getMessage()]) == 1
+
+
+def test_when_host_memory_runs_short_entries_stay_on_the_device_with_one_warning(monkeypatch, caplog):
+    import sixbit_compiler.delta_store as ds
+
+    store = HostDeltaStore()
+    store.put((0, 0), entry(8, 32, seed=0))  # fits
+    monkeypatch.setattr(ds, "host_available_bytes", lambda: PinnedArena.HOST_RESERVE_BYTES)  # nothing to spare
+    first, second = entry(8, 32, seed=1), entry(300_000, 32, seed=2)  # the second needs a new slab
+    with caplog.at_level("WARNING", logger="sixbit"):
+        store.put((0, 0), first)  # reuses its buffer: still host
+        store.put((0, 1), second)
+        store.put((1, 1), second)
+    assert len([r for r in caplog.records if "host memory is short" in r.getMessage()]) == 1
+    assert same(store.get((0, 0)), first) and store.get((0, 1)) is second
+    assert store.shapes((0, 1)) == [torch.Size([300_000, 32]), torch.Size([300_000, 16])]
+    assert store.entry_bytes() == sum(d.nbytes for d in first) + 2 * sum(d.nbytes for d in second)
+    assert store.device_bytes() == 2 * sum(d.nbytes for d in second)
+    store.clear()
+    assert store.get((0, 1)) is None and store.entry_bytes() == 0
