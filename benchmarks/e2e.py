@@ -27,6 +27,7 @@ its error; the others still run. JSON goes to $OUT (or ./out) after every mode.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -105,10 +106,7 @@ def sample(model, family, x, cond, uncond, steps, guidance, device, call_times, 
     sched = scheduler_for(family, steps, device)
     both = torch.cat([uncond, cond]) if family == "cogvideox" else None  # once, as the pipeline does
     for i, t in enumerate(sched.timesteps):
-        if record is not None and record[0] == i:
-            with record[1]:
-                x = _step(model, family, x, cond, uncond, both, t, sched, guidance, device, call_times)
-        else:
+        with record[1] if record is not None and record[0] == i else contextlib.nullcontext():
             x = _step(model, family, x, cond, uncond, both, t, sched, guidance, device, call_times)
     return x
 
