@@ -83,20 +83,20 @@ class PinnedArena:
     PyTorch's pinned-memory allocator rounds every allocation up to a power of two: 80
     entries of 168 MB would pin 20 GB for 13.4 GB of data. Slabs of ``SLAB_BYTES`` (a power
     of two; smaller for small entries) are cut into 512-byte aligned pieces instead; an entry
-    larger than a slab gets a slab of its own. Pieces are never returned one by one (the store reuses an entry's
-    buffers from generation to generation); :meth:`release` drops everything.
+    larger than a slab gets a slab of its own. Pieces are never returned one by one (the
+    store reuses an entry's buffers from generation to generation); :meth:`release` drops
+    everything.
     """
 
     SLAB_BYTES = 1 << 30
     ALIGN = 512
+    #: A new slab is only taken while the host keeps this much memory available after it.
+    HOST_RESERVE_BYTES = 4 << 30
 
     def __init__(self, pin: bool):
         self.pin = pin
         self._slabs: list[torch.Tensor] = []
         self._free_at = 0  # offset of the free space in the last slab
-
-    #: A new slab is only taken while the host keeps this much memory available after it.
-    HOST_RESERVE_BYTES = 4 << 30
 
     def take(self, shape, dtype: torch.dtype) -> torch.Tensor | None:
         """A buffer of this shape and dtype, or None if a new slab would leave the host short."""
@@ -148,6 +148,13 @@ def host_available_bytes() -> int | None:
 
 def _signature(deltas: list[StoredDelta]) -> tuple:
     return tuple((tuple(t.shape), t.dtype) for d in deltas for t in d.tensors())
+
+
+def _copy_entry(dst: list[StoredDelta], src: list[StoredDelta], non_blocking: bool = False) -> None:
+    """Copy every tensor of an entry into the matching tensor of another (same layout)."""
+    for d, s in zip(dst, src):
+        for a, b in zip(d.tensors(), s.tensors()):
+            a.copy_(b, non_blocking=non_blocking)
 
 
 class DeviceDeltaStore:
@@ -255,18 +262,14 @@ class HostDeltaStore:
         streams = self._copy_streams(device)
         self._valid.add(key)
         if streams is None:
-            for host, d in zip(buffers, deltas):
-                for h, t in zip(host.tensors(), d.tensors()):
-                    h.copy_(t)
+            _copy_entry(buffers, deltas)
             return
         out = streams[1]
         out.wait_stream(torch.cuda.current_stream(device))  # after the kernel that wrote Δ
         if key in self._read:
             out.wait_event(self._read.pop(key))  # the old entry has left this buffer
         with torch.cuda.stream(out):
-            for host, d in zip(buffers, deltas):
-                for h, t in zip(host.tensors(), d.tensors()):
-                    h.copy_(t, non_blocking=True)
+            _copy_entry(buffers, deltas, non_blocking=True)
             written = torch.cuda.Event()
             written.record(out)
         for d in deltas:
@@ -306,9 +309,7 @@ class HostDeltaStore:
         if key in self._written:
             into.wait_event(self._written[key])  # the entry has fully arrived in host memory
         with torch.cuda.stream(into):
-            for d, host in zip(on_device, self._host[key]):
-                for t, h in zip(d.tensors(), host.tensors()):
-                    t.copy_(h, non_blocking=True)
+            _copy_entry(on_device, self._host[key], non_blocking=True)
             done = torch.cuda.Event()
             done.record(into)
         # No record_stream here: the compute stream waits for ``done`` before it reads the
