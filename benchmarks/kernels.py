@@ -14,6 +14,10 @@ Prints TFLOP/s and the ratio to bf16 per shape and kernel; writes JSON to $OUT (
 Also counts the wgmma instructions in the PTX Triton generated.
 
     python benchmarks/kernels.py [--shapes 1536x1536,5120x5120] [--m 32760]
+    python benchmarks/kernels.py --gemm-sweep   # every autotuning config of the GEMM template
+
+``--gemm-sweep`` times each config of the INT8, FP8 and bf16 GEMM template directly (one
+program per tile against persistent programs), next to cuBLAS bf16 and FP8 in the same process.
 """
 
 from __future__ import annotations
@@ -62,11 +66,65 @@ def inspect_ptx():
     return found
 
 
+def gemm_sweep(x, w, bias):
+    """Each config of the GEMM template timed alone on INT8, FP8 and bf16 operands (the
+    operands need not be exact quantizations here: only speed is measured, plus one check per
+    kind that the output matches a float64 reference)."""
+    from sixbit_compiler.kernels._common import NO_FMA
+    from sixbit_compiler.kernels.gemm import _scaled_gemm_body, configs, gemm_grid, launch_with_scratch, m_bucket
+
+    m, k = x.shape
+    n = w.shape[0]
+    sa = x.float().abs().amax(1) / 127
+    sw = w.float().abs().amax(1) / 127
+    operands = {
+        "int8": ((x.float() / sa[:, None]).round().to(torch.int8), (w.float() / sw[:, None]).round().to(torch.int8), sa, sw),
+        "fp8": ((x.float() / sa[:, None]).to(torch.float8_e4m3fn), (w.float() / sw[:, None]).to(torch.float8_e4m3fn), sa, sw),
+        "bf16": (x, w, torch.ones(m, device=x.device), torch.ones(n, device=x.device)),
+    }
+    sa8 = operands["int8"][2].reshape(m, 1)
+    r = {"fp8_scaled_mm": bench(lambda: torch._scaled_mm(operands["fp8"][0], operands["fp8"][1].t(), scale_a=sa8,
+                                                           scale_b=sw.reshape(1, n), out_dtype=torch.bfloat16))}
+    out = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
+    for kind, (a, b, sa_, sb_) in operands.items():
+        timings = {}
+        bk = 64 if kind == "bf16" else 128
+        # the autotuning space, plus the two fast kinds apart: persistent without TMA, TMA one tile per program
+        extra = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "PERSISTENT": p, "TMA": tma},
+                               num_warps=8, num_stages=3)
+                 for p, tma in ((True, False), (False, True)) for bm, bn in ((256, 128), (128, 256))]
+        for cfg in configs(kind != "bf16") + extra:
+            meta = dict(cfg.kwargs)
+            name = ("{BLOCK_M}x{BLOCK_N}x{BLOCK_K}".format(**meta) + f" w{cfg.num_warps} s{cfg.num_stages}"
+                    + (" persistent" if meta["PERSISTENT"] else "") + (" tma" if meta["TMA"] else ""))
+
+            def run():
+                launch_with_scratch(lambda: _scaled_gemm_body[gemm_grid(m, n, x.device)(meta)](
+                    a, b, out, sa_, sb_, bias, m, n, k, m_bucket(m), a.stride(0), b.stride(0), out.stride(0),
+                    A_ROWWISE=True, B_COLWISE=True, HAS_BIAS=True, INT_ACC=kind == "int8", UPCAST=False,
+                    **meta, TMA_OK=True, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **NO_FMA))
+            try:
+                run()
+                timings[name] = bench(run)
+            except Exception as exc:  # e.g. out of shared memory for this tile on this card
+                timings[name] = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
+        r[f"sweep_{kind}"] = timings
+        for persistent in (False, True):
+            ok = {c: t for c, t in timings.items() if isinstance(t, float) and ("persistent" in c) == persistent}
+            best = min(ok, key=ok.get) if ok else None
+            r[f"best_{kind}_{'persistent' if persistent else 'per_tile'}"] = (best, ok[best]) if best else None
+        ref = (a.double() @ b.double().t()) * sa_.double()[:, None] * sb_.double()[None, :] + bias.double()
+        r[f"check_{kind}_rel_err"] = rel(out, ref)  # the last config run
+        del ref
+    return r
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", type=int, default=32760)
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--quant-only", action="store_true", help="only the quantization and decode kernels")
+    ap.add_argument("--gemm-sweep", action="store_true", help="only the GEMMs: every template config, timed alone")
     args = ap.parse_args()
     out_dir = os.environ.get("OUT", "out")
     os.makedirs(out_dir, exist_ok=True)
@@ -116,6 +174,19 @@ def main():
             continue
         t_bf16 = bench(lambda: x @ w.t())
         r["bf16_cublas"] = t_bf16
+        if args.gemm_sweep:
+            r.update(gemm_sweep(x, w, bias))
+            res["shapes"][shape] = r
+            save()
+            print(f"\n{shape}: bf16 cuBLAS {flops / t_bf16 / 1e12:.0f} TFLOP/s; FP8 _scaled_mm {t_bf16 / r['fp8_scaled_mm']:.2f}x", flush=True)
+            for kind in ("int8", "fp8", "bf16"):
+                for persistent in (False, True):
+                    best = r[f"best_{kind}_{'persistent' if persistent else 'per_tile'}"]
+                    if best:
+                        print(f"  {kind:4s} {'persistent' if persistent else 'per tile  '}: {t_bf16 / best[1]:.2f}x bf16  ({best[0]})", flush=True)
+            del x, w
+            torch.cuda.empty_cache()
+            continue
 
         a8, sa, _, _ = quantize_int8_rows(x)
         qw = quantize_weight(w, False)

@@ -83,20 +83,26 @@ def emit_gemm_epilogue(gemm: fx.Node, chain: list[fx.Node], prefix: str = "gemm_
         f"def KERNEL(a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, {pointers}out_ptr, M, N, K, M_BUCKET, "
         f"stride_am, stride_bn, {size_args}{stride_args}{''.join(f'SAME{j}: tl.constexpr, ' for j in range(len(extras)))}"
         "INDEX_64: tl.constexpr, HAS_BIAS: tl.constexpr, INT_ACC: tl.constexpr, UPCAST: tl.constexpr, "
-        "BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):",
-        "    # the kernel issue's GEMM: INT8 (int32 accumulation) or FP8, per-token x per-channel scales, bias",
-        "    c, rm, rn = scaled_tile(a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, stride_am, stride_bn,",
-        "                            True, True, HAS_BIAS, INT_ACC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)",
-        "    mask = (rm[:, None] < M) & (rn[None, :] < N)",
-        "    # SAMEj: input j is laid out as the output (offset row * N + col); INDEX_64: offsets may pass 2**31",
-        "    row = rm[:, None].to(tl.int64) if INDEX_64 else rm[:, None]",
-        "    col = rn[None, :].to(tl.int64) if INDEX_64 else rn[None, :]",
-        f"    g = {rounded('c', value_dtype(gemm))}  # {gemm.name}",
+        "BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, "
+        "PERSISTENT: tl.constexpr, TMA: tl.constexpr, TMA_OK: tl.constexpr):",
+        "    # one tile per program, or (PERSISTENT) one program per SM walking the tiles",
+        "    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)",
+        "    for tile_id in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=PERSISTENT):",
+        "        # the kernel issue's GEMM: INT8 (int32 accumulation) or FP8, per-token x per-channel scales, bias",
+        "        c, rm, rn = scaled_tile(tile_id, a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K,",
+        "                                stride_am, stride_bn, True, True, HAS_BIAS, INT_ACC, UPCAST,",
+        "                                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA)",
+        "        mask = (rm[:, None] < M) & (rn[None, :] < N)",
+        "        # SAMEj: input j is laid out as the output (offset row * N + col); INDEX_64: offsets may pass 2**31",
+        "        row = rm[:, None].to(tl.int64) if INDEX_64 else rm[:, None]",
+        "        col = rn[None, :].to(tl.int64) if INDEX_64 else rn[None, :]",
+        f"        g = {rounded('c', value_dtype(gemm))}  # {gemm.name}",
     ]
-    lines += load_lines(extras, offsets, "row * N + col")
-    lines += chain_lines(chain, var, rank)  # no norms here (refused above)
+    body = load_lines(extras, offsets, "row * N + col")
+    body += chain_lines(chain, var, rank)  # no norms here (refused above)
     out_dtype = value_dtype(chain[-1])
-    lines.append(f"    tl.store(out_ptr + row * N + col, v{len(chain) - 1}.to({TL_DTYPES[out_dtype]}), mask=mask)")
+    body.append(f"    tl.store(out_ptr + row * N + col, v{len(chain) - 1}.to({TL_DTYPES[out_dtype]}), mask=mask)")
+    lines += ["    " + line for line in body]  # inside the tile loop
     alone = emit_pointwise(chain, prefix="epilogue")
     name, source, key = named_source(prefix, lines)
     return GemmEpilogueKernel(name, source, gemm.name, [a.name for a in extras], chain[-1].name, out_dtype, rank,
@@ -115,7 +121,7 @@ def run_gemm_epilogue(kernel: GemmEpilogueKernel, xq, xs, wq, ws, bias, extras, 
 
     from sixbit_compiler.kernels import interpreting
     from sixbit_compiler.kernels._common import NO_FMA
-    from sixbit_compiler.kernels.gemm import m_bucket
+    from sixbit_compiler.kernels.gemm import launch_gemm, m_bucket
 
     int8 = xq.dtype == torch.int8
     m, k = xq.shape
@@ -129,9 +135,8 @@ def run_gemm_epilogue(kernel: GemmEpilogueKernel, xq, xs, wq, ws, bias, extras, 
         return out
     strides = [s for v in views for s in v.stride()]
     same, reach = layout_args(views, out)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    load_kernel(kernel)[grid](
-        xq, wq, xs.reshape(-1), ws.reshape(-1), bias if bias is not None else out, *views, out,
+    launch_gemm(
+        load_kernel(kernel), xq, wq, m, n, xs.reshape(-1), ws.reshape(-1), bias if bias is not None else out, *views, out,
         m, n, k, m_bucket(m), xq.stride(0), wq.stride(0), *shape, *strides, **same,
         INDEX_64=reach + 256 * n >= 2**31, HAS_BIAS=bias is not None,
         INT_ACC=int8, UPCAST=interpreting() and not int8, **NO_FMA,

@@ -134,6 +134,49 @@ def test_int8_gemm_exact_accumulation(m, n, k, bias):
     assert c.shape == (m, n) and rel_err(c, ref) < 1e-6
 
 
+@pytest.mark.parametrize("persistent, tma", [(False, False), (True, False), (False, True), (True, True)])
+def test_gemm_every_tile_written_once_each_tiling_and_feed(persistent, tma):
+    """The template body launched directly with each tiling (one program per tile, or a few
+    programs each walking every programs-th tile, an odd count so the last pass is ragged)
+    and each operand feed (pointer loads, or TMA descriptors that zero-fill past the edges)."""
+    import triton
+
+    from sixbit_compiler.kernels.gemm import _scaled_gemm_body, launch_with_scratch
+
+    g = torch.Generator().manual_seed(7)
+    m, n, k = 300, 200, 80  # 5 x 4 tiles of 64, ragged in every dimension (K: 64 + 16)
+    a = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8).to(DEV)
+    b = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8).to(DEV)
+    sa, sb = torch.rand(m, generator=g).to(DEV), torch.rand(n, generator=g).to(DEV)
+    bias = torch.randn(n, generator=g).to(DEV)
+    c = torch.full((m, n), float("nan"), device=DEV)  # a tile never written stays NaN
+    tiles = triton.cdiv(m, 64) * triton.cdiv(n, 64)
+    launch_with_scratch(lambda: _scaled_gemm_body[(3 if persistent else tiles,)](
+        a, b, c, sa, sb, bias, m, n, k, 512, a.stride(0), b.stride(0), c.stride(0),
+        A_ROWWISE=True, B_COLWISE=True, HAS_BIAS=True, INT_ACC=True, UPCAST=False,
+        BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=2, PERSISTENT=persistent, TMA=tma, TMA_OK=True, num_warps=4,
+    ))
+    ref = (a.double() @ b.double().t()) * sa.double()[:, None] * sb.double()[None, :] + bias.double()
+    assert not c.isnan().any() and rel_err(c, ref) < 1e-6
+
+
+def test_gemm_unaligned_operands_take_the_pointer_configs():
+    """TMA needs 16-byte aligned rows: K = 72 INT8 rows (72 B) and an offset view still run,
+    on the pointer configs, and give the exact result."""
+    from sixbit_compiler.kernels.gemm import _prune, configs, tma_takes
+
+    g = torch.Generator().manual_seed(3)
+    a = torch.randint(-127, 128, (40, 73), generator=g, dtype=torch.int8).to(DEV)[:, 1:]  # base off by 1 B
+    b = torch.randint(-127, 128, (24, 72), generator=g, dtype=torch.int8).to(DEV)
+    assert not tma_takes(a) and tma_takes(torch.zeros(4, 64, dtype=torch.int8))
+    assert [c for c in configs(True) if not c.kwargs["TMA"]] == _prune(configs(True), {}, TMA_OK=False)
+    assert any(c.kwargs["TMA"] for c in configs(True))
+    sa, sb = torch.rand(40, 1, generator=g).to(DEV), torch.rand(24, 1, generator=g).to(DEV)
+    c = scaled_gemm(a, b, sa, sb, None, torch.float32)
+    ref = (a.double() @ b.double().t()) * sa.double() * sb.double().t()
+    assert rel_err(c, ref) < 1e-6
+
+
 @pytest.mark.parametrize("m, n, k", [(70, 40, 208), (1, 8, 16)])
 def test_fp8_gemm_exact_products(m, n, k):
     g = torch.Generator().manual_seed(m * n + k)

@@ -11,6 +11,7 @@ before the rounding trick adds its constant.
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 # Adding and subtracting 1.5 * 2**23 rounds an fp32 |v| < 2**22 to the nearest integer,
 # ties to even (the FPU's own rounding), with no libdevice call.
@@ -82,12 +83,28 @@ def e4m3_bits(v):
 @triton.jit
 def encode_rows(x, inv, FP8: tl.constexpr):
     """Codes of fp32 x [R, C] (Inf saturated) scaled by inv [R]: INT8 values as fp32, or e4m3
-    bits as int32. NaN encodes as 0 (its row's scale carries the NaN)."""
+    bits as int32. NaN encodes as 0 (its row's scale carries the NaN). Plain fp32 arithmetic,
+    the same compiled and interpreted."""
     s = tl.where(is_nan(x), 0.0, x) * inv[:, None]
     if FP8:
         return e4m3_bits(tl.minimum(tl.maximum(s, -448.0), 448.0))
     else:
         return tl.minimum(tl.maximum(rne(s), -127.0), 127.0)
+
+
+@triton.jit
+def encode_rows_hw(x, inv, FP8: tl.constexpr):
+    """:func:`encode_rows` with the GPU's conversion instructions (compiled only: the
+    interpreter cannot run them): the same codes, as int32, in about a third of the
+    instructions. Rounding, clamping, NaN and Inf are each one instruction's job:
+    ``cvt.rni.s32.f32`` (ties to even; NaN -> 0; ±Inf -> the int range, then clamped to ±127)
+    and ``cvt.rn.satfinite.e4m3x2.f32`` (ties to even; ±Inf -> ±448). x need not be saturated."""
+    s = x * inv[:, None]
+    if FP8:
+        s = tl.where(is_nan(s), 0.0, s)  # satfinite keeps NaN; the spec writes code 0
+        return s.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
+    else:
+        return tl.minimum(tl.maximum(libdevice.float2int_rn(s), -127), 127)
 
 
 @triton.jit

@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from ..formats._common import div_exact
-from ._common import NO_FMA, e2m1_round, encode_rows, fp8_rows, int8_rows, is_nan, round_to_e4m3, row_tiling, where_nan
+from . import interpreting
+from ._common import NO_FMA, e2m1_round, encode_rows, encode_rows_hw, fp8_rows, int8_rows, is_nan, round_to_e4m3, row_tiling, where_nan
 
 _F4_MAX, _F8_MAX = 6.0, 448.0
 
@@ -29,8 +30,10 @@ def _rows_kernel(
     x_ptr, q_ptr, scale_ptr, amax_ptr, abssum_ptr,
     M, K, stride_xm, stride_qm, limit,
     FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    HW_CVT: tl.constexpr,
 ):
-    """Per-row INT8 (codes as int8) or FP8 e4m3 (codes as uint8 bits), scale = amax / qmax."""
+    """Per-row INT8 (codes as int8) or FP8 e4m3 (codes as uint8 bits), scale = amax / qmax.
+    ``HW_CVT``: encode with the GPU's conversion instructions (``encode_rows``)."""
     QMAX: tl.constexpr = 448.0 if FP8 else 127.0
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -66,8 +69,11 @@ def _rows_kernel(
             cols = k0 + tl.arange(0, BLOCK_K)
             mask = row_ok[:, None] & (cols[None, :] < K)
             x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            x = tl.where(x > limit, limit, tl.where(x < -limit, -limit, x))
-            q = encode_rows(x, inv, FP8)
+            if HW_CVT:  # the conversions saturate ±Inf themselves
+                q = encode_rows_hw(x, inv, FP8)
+            else:
+                x = tl.where(x > limit, limit, tl.where(x < -limit, -limit, x))
+                q = encode_rows(x, inv, FP8)
             tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
         scale = where_nan(has_nan > 0, scale)
     tl.store(scale_ptr + rows, scale, mask=row_ok)
@@ -85,7 +91,7 @@ def _quantize_rows(x: torch.Tensor, fp8: bool):
     block_m, block_k, warps, one = row_tiling(k)
     _rows_kernel[(triton.cdiv(m, block_m),)](
         x, q, scale, amax, abssum, m, k, x.stride(0), q.stride(0), torch.finfo(x.dtype).max,
-        FP8=fp8, BLOCK_M=block_m, BLOCK_K=block_k, ONE_CHUNK=one, num_warps=warps, **NO_FMA,
+        FP8=fp8, BLOCK_M=block_m, BLOCK_K=block_k, ONE_CHUNK=one, HW_CVT=not interpreting(), num_warps=warps, **NO_FMA,
     )
     return (q.view(torch.float8_e4m3fn) if fp8 else q), scale, amax, abssum
 

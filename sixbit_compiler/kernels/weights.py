@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import NO_FMA, e2m1_decode, encode_rows, is_nan, row_tiling, where_nan
+from . import interpreting
+from ._common import NO_FMA, e2m1_decode, encode_rows, encode_rows_hw, is_nan, row_tiling, where_nan
 
 
 @triton.jit
@@ -35,9 +36,10 @@ def _decode_chunk(packed_ptr, scales_ptr, rows, k0, N, KP, BLOCK_N: tl.constexpr
 @triton.jit
 def _decode_kernel(
     packed_ptr, scales_ptr, ts_ptr, out_ptr, ch_scale_ptr, N, KP,
-    TO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HW_CVT: tl.constexpr,
 ):
-    """TO = 0: block values; 1 / 2: per-channel INT8 / FP8 e4m3 of the dequantized weight.
+    """TO = 0: block values; 1 / 2: per-channel INT8 / FP8 e4m3 of the dequantized weight
+    (``HW_CVT``: encoded with the GPU's conversion instructions, ``encode_rows_hw``).
     Rows go in chunks of BLOCK_K: for the per-channel codes a first pass takes the row's max,
     a second decodes again (the packed row is small and in L2) and writes."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -60,8 +62,10 @@ def _decode_kernel(
         omask = (rows[:, None] < N) & (cols[None, :] < KP)
         if TO != 0:
             w = vals * ts
-            w = tl.minimum(tl.maximum(w, -lim), lim)
-            q = encode_rows(w, inv, TO == 2)
+            if HW_CVT:
+                q = encode_rows_hw(w, inv, TO == 2)
+            else:
+                q = encode_rows(tl.minimum(tl.maximum(w, -lim), lim), inv, TO == 2)
             tl.store(out_ptr + rows[:, None] * KP + cols[None, :], q.to(out_ptr.dtype.element_ty), mask=omask)
         else:
             tl.store(out_ptr + rows[:, None] * KP + cols[None, :], vals.to(out_ptr.dtype.element_ty), mask=omask)
@@ -72,7 +76,7 @@ def _launch(packed, block_scales_bits, tensor_scale, out, ch_scale, to):
     block_n, block_k, warps, _ = row_tiling(kp)
     _decode_kernel[(triton.cdiv(n, block_n),)](
         packed, block_scales_bits, tensor_scale, out, ch_scale, n, kp,
-        TO=to, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, **NO_FMA,
+        TO=to, BLOCK_N=block_n, BLOCK_K=block_k, HW_CVT=not interpreting(), num_warps=warps, **NO_FMA,
     )
 
 
