@@ -91,8 +91,10 @@ def gemm_sweep(x, w, bias):
         bk = 64 if kind == "bf16" else 128
         # the autotuning space, plus the two fast kinds apart: persistent without TMA, TMA one tile per program
         extra = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "PERSISTENT": p, "TMA": tma},
-                               num_warps=8, num_stages=3)
-                 for p, tma in ((True, False), (False, True)) for bm, bn in ((256, 128), (128, 256))]
+                               num_warps=w, num_stages=st)
+                 for p, tma, w, st, shapes in ((True, False, 8, 3, ((256, 128), (128, 256))), (False, True, 8, 3, ((256, 128), (128, 256))),
+                                               (True, True, 16, 3, ((256, 128), (128, 256))), (True, True, 8, 4, ((128, 128),)))
+                 for bm, bn in shapes]
         for cfg in configs(kind != "bf16") + extra:
             meta = dict(cfg.kwargs)
             name = ("{BLOCK_M}x{BLOCK_N}x{BLOCK_K}".format(**meta) + f" w{cfg.num_warps} s{cfg.num_stages}"
