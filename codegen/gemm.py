@@ -117,8 +117,6 @@ def run_gemm_epilogue(kernel: GemmEpilogueKernel, xq, xs, wq, ws, bias, extras, 
     """The fused kernel on INT8 or FP8 operands (``xq`` [M, K] with per-row ``xs``, ``wq``
     [N, K] with per-channel ``ws``) and the chain's other inputs; returns [*lead, N], or None
     when an input would broadcast the output beyond the GEMM's shape."""
-    import triton
-
     from sixbit_compiler.kernels import interpreting
     from sixbit_compiler.kernels._common import NO_FMA
     from sixbit_compiler.kernels.gemm import launch_gemm, m_bucket

@@ -9,11 +9,17 @@ wgmma takes for both operands, and the layout weights are stored in. Operands:
 
 ``a_scale`` is per row [M] or a scalar, ``b_scale`` per column [N] or a scalar (constexpr
 flags pick). The epilogue (scales, bias, cast) runs on the accumulator in registers, so C is
-written once. Autotuned per (N, K, M bucket); results are cached on disk where Triton allows.
+written once. Autotuned per (N, K, M bucket, TMA alignment); results are cached on disk where
+Triton allows.
+
+Two launches of the same tile code: persistent programs (one per SM, tile and K loops
+flattened) whose operand tiles arrive through TMA descriptors, the fast one on Hopper; and one
+program per tile with pointer loads, for operands TMA cannot read (``docs/kernels.md``).
+:func:`launch_gemm` launches either, for this module's kernels and the generated ones.
 
 The main loop and the scaling live in one ``@triton.jit`` function, :func:`scaled_tile`, which
 returns the scaled fp32 tile instead of storing it. ``_scaled_gemm_body`` stores it; the
-codegen's generated GEMM kernels (``sixbit_compiler.codegen.gemm``) import it and run their
+codegen's generated GEMM kernels (``codegen.gemm``) import it and run their
 generated epilogue on the tile first: one GEMM main loop, used by both.
 """
 
@@ -28,6 +34,8 @@ import triton
 import triton.language as tl
 
 from . import interpreting
+from triton.runtime.errors import OutOfResources
+
 from ._common import NO_FMA, next_pow2
 
 
@@ -86,10 +94,17 @@ def launch_gemm(kernel, a, b, m, n, *args, **kwargs):
     grid = gemm_grid(m, n, a.device)
 
     def launch():
-        if single_config():
-            cfg = next(c for c in kernel.configs if aligned or not c.kwargs["TMA"])
-            return kernel.fn[grid](a, b, *args, TMA_OK=aligned, **kwargs, **cfg.all_kwargs())
-        return kernel[grid](a, b, *args, TMA_OK=aligned, **kwargs)
+        if not single_config():  # the autotuner skips configs that do not fit the card
+            return kernel[grid](a, b, *args, TMA_OK=aligned, **kwargs)
+        # A persistent program holds its pipeline and its epilogue's layout change in shared
+        # memory at once: with an fp32 output a 128x256 tile needs 272 KB (H100: 227 KB).
+        fits = [c for c in kernel.configs if aligned or not c.kwargs["TMA"]]
+        for cfg in fits:
+            try:
+                return kernel.fn[grid](a, b, *args, TMA_OK=aligned, **kwargs, **cfg.all_kwargs())
+            except OutOfResources:
+                if cfg is fits[-1]:
+                    raise
 
     return launch_with_scratch(launch)
 
@@ -182,10 +197,10 @@ def scaled_tile(
     indices (rows past M and columns past N are garbage; the caller masks its store).
 
     ``TMA``: operand tiles come through descriptors (the copy engine zero-fills past the
-    edges); otherwise through pointer loads, rows clamped and K masked. The scales and bias are loaded after the main loop: loaded before it, they stay live across it,
-    and FP8's second (promotion) accumulator then spilled (measured: FP8 1.30x bf16 instead of
-    1.55x at 5120x5120 on the H100). The K-step pointers are recomputed from the step, not
-    carried: a persistent program's flattened loop would carry both pointer tiles."""
+    edges); otherwise through pointer loads, rows clamped and K masked. The K-step pointers
+    are recomputed from the step, not carried: a persistent program's flattened loop carried
+    both pointer tiles across tiles and ran 5-30x slower. The scales and bias are loaded after
+    the loop (loaded before it, they gained nothing on the H100 and hold registers through it)."""
     m0, n0 = tile_origin(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = m0 + tl.arange(0, BLOCK_M)
     rn = n0 + tl.arange(0, BLOCK_N)
