@@ -20,8 +20,9 @@ kept or not, gets a row in ``ctx.linears`` with the reason.
 Guarantees, for each quantized linear:
 * one ``torch._C._nn.linear`` node is replaced by one ``sixbit.quantized_linear``
   node with the same meta (module stack, example value);
-* its weight is quantized once into the global weight store (NVFP4, one copy),
-  and three placeholders (packed codes, block scales, tensor scale) are added,
+* its weight is quantized once into the global weight store (NVFP4, or per-channel
+  INT8 when its path matches an ``int8_weights`` glob; one copy), and three
+  placeholders (codes, scales, tensor scale) are added,
   shared by every linear that reads the same weight; the runtime fills them per
   call from the Parameter that Dynamo passes, so one graph never bakes in one
   module's weights;
@@ -46,6 +47,7 @@ from sixbit_compiler.weight_store import STORE
 
 _SUPPORTED_WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FIELDS = ("packed", "block_scales_bits", "tensor_scale")
+_FORMAT_NAMES = {"nvfp4": "NVFP4", "int8": "per-channel INT8"}
 
 
 def _match(path: str, patterns) -> str | None:
@@ -105,7 +107,8 @@ def quantize_linears(gm: fx.GraphModule, ctx: CompileContext) -> None:
         weight = ctx.example_input(w)
         spec = ctx.input_specs[w.name]
         if w not in weight_nodes:
-            qw = STORE.quantize(weight, hadamard)
+            fmt = "int8" if _match(path, ctx.options.int8_weights) else "nvfp4"
+            qw = STORE.quantize(weight, hadamard, fmt)
             stem = (path or w.name).replace(".", "_")
             added = []
             for field in _FIELDS:
@@ -113,9 +116,9 @@ def quantize_linears(gm: fx.GraphModule, ctx: CompileContext) -> None:
                 ctx.input_specs[ph.name] = InputSpec("qweight", spec.index, field)
                 added.append(ph)
             weight_nodes[w] = tuple(added)
-            info.reason = f"NVFP4 weight ({qw.nbytes} B, was {qw.source_nbytes} B)"
+            info.reason = f"{_FORMAT_NAMES[qw.format]} weight ({qw.nbytes} B, was {qw.source_nbytes} B)"
         else:
-            info.reason = "NVFP4 weight (shared with an earlier linear)"
+            info.reason = "quantized weight (shared with an earlier linear)"
         if slots_node is None:
             slots_node = add_placeholder(graph, "sixbit_precision_slots")
             ctx.input_specs[slots_node.name] = InputSpec("precision_slots")

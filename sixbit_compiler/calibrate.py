@@ -42,9 +42,9 @@ class Samples:
 
 def _e_rel(x, w_packed, w_block_scales, w_tensor_scale, in_features, hadamard) -> torch.Tensor:
     from .formats import Precision
-    from .reference import quantized_linear_reference
+    from .reference import quantized_linear_reference, reference_scales
 
-    scales = w_block_scales.view(torch.float8_e4m3fn)
+    scales = reference_scales(w_packed, w_block_scales)
     exact = quantized_linear_reference(x, w_packed, scales, w_tensor_scale, None, Precision.BF16, in_features, hadamard)
     fp4 = quantized_linear_reference(x, w_packed, scales, w_tensor_scale, None, Precision.NVFP4, in_features, hadamard)
     return (fp4.float() - exact.float()).norm() / exact.float().norm().clamp_min(1e-30)

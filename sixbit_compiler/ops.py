@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from .formats import Precision
-from .reference import quantized_linear_reference
+from .reference import quantized_linear_reference, reference_scales
 
 #: Set SIXBIT_KERNELS=0 to run the reference path on GPU too (debugging, A/B checks).
 KERNELS_ENV = "SIXBIT_KERNELS"
@@ -56,7 +56,9 @@ def quantized_linear(
     ``w_packed`` (uint8, [N, Kp/2]), ``w_block_scales`` (the float8_e4m3fn scales as
     uint8 bits, [N, Kp/16]) and ``w_tensor_scale`` (fp32 scalar) are the stored NVFP4
     weight (see ``sixbit_compiler.formats.nvfp4``). FP8 tensors cross the op boundary
-    as raw uint8 bits, the convention Triton kernels use too.
+    as raw uint8 bits, the convention Triton kernels use too. A weight stored as
+    per-channel INT8 (``int8_weights``) comes as int8 codes [N, Kp], fp32 channel scales
+    [N, 1] and an unused 1.0 (``weight_store.QuantizedWeight``).
     """
     precision = Precision(int(precision_slots[slot]))
     if CALIBRATION_RECORDER is not None:
@@ -67,7 +69,7 @@ def quantized_linear(
         out = dispatch.quantized_linear(x, w_packed, w_block_scales, w_tensor_scale, bias, precision, in_features, hadamard)
         if out is not None:
             return out
-    scales = w_block_scales.view(torch.float8_e4m3fn)
+    scales = reference_scales(w_packed, w_block_scales)
     return quantized_linear_reference(x, w_packed, scales, w_tensor_scale, bias, precision, in_features, hadamard)
 
 

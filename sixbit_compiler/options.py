@@ -66,6 +66,10 @@ class SixbitOptions:
     include: tuple[str, ...] = ()
     #: Glob patterns over module paths that are never quantized.
     exclude: tuple[str, ...] = ()
+    #: Glob patterns over module paths whose weights are stored as per-channel INT8
+    #: (8 bits) instead of NVFP4 (4.5 bits): the fidelity lever that costs less memory than
+    #: ``exclude``. E.g. ("*.attn1.to_q", "*.attn1.to_k"): docs/options.md.
+    int8_weights: tuple[str, ...] = ()
     #: Rotate activations and weights by a 128-block Hadamard before quantizing.
     hadamard: bool = False
     #: Switch passes on or off by name, e.g. {"quantize_linears": False}.
@@ -121,7 +125,7 @@ class SixbitOptions:
             options = {**PRESETS[preset], **options}  # explicit options override the preset
         if options.get("dump_dir") is None and os.environ.get(DUMP_DIR_ENV):
             options["dump_dir"] = os.environ[DUMP_DIR_ENV]
-        for key in ("include", "exclude"):
+        for key in ("include", "exclude", "int8_weights"):
             if key in options:
                 options[key] = _as_patterns(key, options[key])
         opts = cls(**options)

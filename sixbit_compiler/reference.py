@@ -15,6 +15,15 @@ one of four precisions:
 
 With ``hadamard=True`` the stored weight was rotated before quantization, and x
 is rotated the same way (blocks of 128) before any of the three.
+
+A weight stored as per-channel INT8 (``int8_weights``; ``w_packed`` int8 [N, Kp] codes,
+``w_block_scales`` fp32 [N, 1] channel scales) takes the same four routes with its codes in
+place of the NVFP4-derived operand, and its channel scale applied after the GEMM:
+
+* ``BF16``: (x · codesᵀ) * scale; ``INT8``: the codes are the GEMM's weight operand as they
+  are; ``FP8``: per-channel e4m3 of the dequantized weight; ``NVFP4``: (NVFP4 values of x ·
+  codesᵀ) * x's tensor scale * scale (products of an e2m1·e4m3 value and an int8 are exact in
+  fp32).
 """
 
 from __future__ import annotations
@@ -54,6 +63,34 @@ def prepare_activation(x2d: torch.Tensor, in_features: int, padded_k: int, hadam
     return xk
 
 
+def stored_k(w_packed: torch.Tensor) -> int:
+    """The padded K of a stored weight: NVFP4 packs two codes a byte, INT8 one."""
+    return w_packed.shape[-1] * (1 if w_packed.dtype == torch.int8 else 2)
+
+
+def reference_scales(w_packed: torch.Tensor, w_block_scales: torch.Tensor) -> torch.Tensor:
+    """The op's scale argument as the reference takes it: NVFP4 block scales travel as uint8
+    bits and are viewed back as e4m3; INT8 channel scales are fp32 already."""
+    return w_block_scales if w_packed.dtype == torch.int8 else w_block_scales.view(torch.float8_e4m3fn)
+
+
+def _int8_weight_linear(xk, codes, scale, precision: Precision) -> torch.Tensor:
+    """The four activation routes on a per-channel INT8 weight (module docstring), fp32 out."""
+    if precision == Precision.BF16:
+        return (xk @ codes.to(torch.float32).t()) * scale.t()
+    if precision == Precision.INT8:
+        xq, xs = quantize_int8(xk, axis=-1)
+        return (_int8_matmul(xq, codes) * xs.double() * scale.double().t()).to(torch.float32)
+    if precision == Precision.FP8:
+        wq, ws = quantize_fp8_rows(codes.to(torch.float32) * scale)
+        xq, xs = quantize_fp8_rows(xk)
+        return (xq.to(torch.float32) @ wq.to(torch.float32).t()) * xs * ws.t()
+    if precision == Precision.NVFP4:
+        xp, xb, xt = quantize_nvfp4(xk)
+        return ((nvfp4_block_values(xp, xb) @ codes.to(torch.float32).t()) * xt) * scale.t()
+    raise ValueError(f"quantized_linear: unsupported precision {precision!r}")
+
+
 def quantized_linear_reference(
     x: torch.Tensor,
     w_packed: torch.Tensor,
@@ -67,9 +104,11 @@ def quantized_linear_reference(
     out_features = w_packed.shape[0]
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
-    xk = prepare_activation(x2d, in_features, w_packed.shape[-1] * 2, hadamard)
+    xk = prepare_activation(x2d, in_features, stored_k(w_packed), hadamard)
 
-    if precision == Precision.BF16:
+    if w_packed.dtype == torch.int8:
+        out = _int8_weight_linear(xk, w_packed, w_block_scales, precision)
+    elif precision == Precision.BF16:
         w = dequantize_nvfp4(w_packed, w_block_scales, w_tensor_scale)
         out = xk @ w.t()
     elif precision == Precision.INT8:

@@ -26,40 +26,70 @@ import weakref
 
 import torch
 
-from .formats import quantize_nvfp4, hadamard_rotate
+from .formats import hadamard_rotate, quantize_int8, quantize_nvfp4
+from .formats._common import pad_last
+from .formats.nvfp4 import NVFP4_BLOCK
 
 log = logging.getLogger("sixbit")
 
 
+#: the stored weight formats: NVFP4 (the default, 4.5 bits) and per-channel INT8 (8 bits, for
+#: the layers a user names in ``int8_weights``, where NVFP4's error costs the most fidelity)
+WEIGHT_FORMATS = ("nvfp4", "int8")
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantizedWeight:
-    """An NVFP4 linear weight [out_features, in_features] (see formats.nvfp4)."""
+    """A quantized linear weight [out_features, in_features], in one of two formats that travel
+    through the same three op arguments:
 
-    packed: torch.Tensor  # uint8 [N, Kp/2]
-    block_scales: torch.Tensor  # float8_e4m3fn [N, Kp/16]
-    tensor_scale: torch.Tensor  # fp32 scalar
+    * ``nvfp4`` (formats.nvfp4): ``packed`` uint8 [N, Kp/2] (two e2m1 codes a byte),
+      ``block_scales`` float8_e4m3fn [N, Kp/16], ``tensor_scale`` fp32 scalar;
+    * ``int8`` (formats.int8, per output channel): ``packed`` int8 [N, Kp], ``block_scales``
+      fp32 [N, 1] (the channel scales), ``tensor_scale`` fp32 1.0 (unused).
+
+    Kp is K rounded up to 16 with zero columns in both, so that activations pad alike. The op
+    and the kernels tell the formats apart by ``packed``'s dtype (:func:`is_int8_weight`).
+    """
+
+    packed: torch.Tensor
+    block_scales: torch.Tensor
+    tensor_scale: torch.Tensor
     in_features: int
     out_features: int
     hadamard: bool
     source_dtype: torch.dtype
     source_nbytes: int
+    format: str = "nvfp4"
 
     @property
     def block_scales_bits(self) -> torch.Tensor:
-        """The e4m3 block scales as raw uint8 bits: the form the custom op and kernels take."""
-        return self.block_scales.view(torch.uint8)
+        """The scales in the form the custom op and kernels take: NVFP4's e4m3 block scales as
+        raw uint8 bits; INT8's fp32 channel scales as they are."""
+        return self.block_scales if self.format == "int8" else self.block_scales.view(torch.uint8)
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.block_scales, self.tensor_scale))
 
 
-def quantize_weight(weight: torch.Tensor, hadamard: bool) -> QuantizedWeight:
-    """Quantize a [N, K] weight to NVFP4 (rotated first if ``hadamard``)."""
+def is_int8_weight(packed: torch.Tensor) -> bool:
+    """Whether a stored weight's first tensor holds per-channel INT8 codes (else NVFP4)."""
+    return packed.dtype == torch.int8
+
+
+def quantize_weight(weight: torch.Tensor, hadamard: bool, fmt: str = "nvfp4") -> QuantizedWeight:
+    """Quantize a [N, K] weight to ``fmt`` (rotated first if ``hadamard``)."""
+    if fmt not in WEIGHT_FORMATS:
+        raise ValueError(f"sixbit: unknown weight format {fmt!r}; expected one of {WEIGHT_FORMATS}")
     with torch.no_grad(), torch.inference_mode(False):
         w = weight.detach()
         src = hadamard_rotate(w) if hadamard else w
-        packed, scales, tscale = quantize_nvfp4(src)
+        if fmt == "int8":
+            packed, scales = quantize_int8(pad_last(src.to(torch.float32), NVFP4_BLOCK), axis=-1)
+            tscale = torch.ones((), dtype=torch.float32, device=w.device)
+        else:
+            packed, scales, tscale = quantize_nvfp4(src)
     return QuantizedWeight(
         packed=packed,
         block_scales=scales,
@@ -69,6 +99,7 @@ def quantize_weight(weight: torch.Tensor, hadamard: bool) -> QuantizedWeight:
         hadamard=hadamard,
         source_dtype=w.dtype,
         source_nbytes=w.numel() * w.element_size(),
+        format=fmt,
     )
 
 
@@ -98,20 +129,21 @@ class WeightStore:
     def is_released(self, param: torch.Tensor) -> bool:
         return id(param) in self._released and self.get(param) is not None
 
-    def quantize(self, param: torch.Tensor, hadamard: bool) -> QuantizedWeight:
+    def quantize(self, param: torch.Tensor, hadamard: bool, fmt: str = "nvfp4") -> QuantizedWeight:
         """The stored quantized form of ``param``, quantizing it on first use."""
         existing = self.get(param)
         if existing is not None:
-            if existing.hadamard != hadamard:
-                raise WeightStoreError(
-                    f"sixbit: a weight of shape {tuple(param.shape)} was already quantized with "
-                    f"hadamard={existing.hadamard}, and its bf16 storage may be released; it cannot be "
-                    f"re-quantized with hadamard={hadamard}. Compile every use of a model with the same option."
-                )
+            for name, had, want in (("hadamard", existing.hadamard, hadamard), ("weight format", existing.format, fmt)):
+                if had != want:
+                    raise WeightStoreError(
+                        f"sixbit: a weight of shape {tuple(param.shape)} was already quantized with "
+                        f"{name} {had!r}, and its bf16 storage may be released; it cannot be re-quantized "
+                        f"with {name} {want!r}. Compile every use of a model with the same options."
+                    )
             return existing
         if param.untyped_storage().nbytes() == 0 and param.numel() > 0:
             raise WeightStoreError("sixbit: a weight's storage is empty and it is not in the weight store")
-        qw = quantize_weight(param, hadamard)
+        qw = quantize_weight(param, hadamard, fmt)
         key = id(param)
         ref = weakref.ref(param, lambda _r, key=key: self._forget(key))
         with self._lock:

@@ -244,6 +244,58 @@ def test_dispatch_matches_reference_op(precision, dtype, hadamard, float_gemm):
     torch.testing.assert_close(got[1, 5], b)
 
 
+INT8_WEIGHT_CASES = [(p, dtype, hadamard) for p, dtype, hadamard, gemm in DISPATCH_CASES if gemm == "triton"]
+
+
+@pytest.mark.parametrize("precision, dtype, hadamard", INT8_WEIGHT_CASES)
+def test_int8_weights_dispatch_matches_reference(precision, dtype, hadamard):
+    """A weight stored as per-channel INT8 (``int8_weights``) through each activation route:
+    the kernels against the spec, with NaN, a zero row, K off 16, and an all-zero channel."""
+    g = torch.Generator().manual_seed(int(precision) * 5 + hadamard + 100)
+    k = 200 if hadamard else 72
+    x = (torch.randn(2, 33, k, generator=g) * 2).to(dtype).to(DEV)
+    x[0, 3, 7] = float("nan")
+    x[1, 5] = 0
+    w = torch.randn(48, k, generator=g) / k**0.5
+    w[5] = 0  # an all-zero channel: scale 0, codes 0
+    b = torch.randn(48, generator=g).to(dtype).to(DEV)
+    qw = quantize_weight(w.to(DEV), hadamard, "int8")
+    pad = 128 if hadamard else 16  # the rotation works on 128-blocks
+    assert qw.packed.dtype == torch.int8 and qw.packed.shape == (48, -(-k // pad) * pad) and qw.block_scales.shape == (48, 1)
+    got = dispatch.quantized_linear(x, qw.packed, qw.block_scales_bits, qw.tensor_scale, b, precision, k, hadamard)
+    ref = quantized_linear_reference(x, qw.packed, qw.block_scales, qw.tensor_scale, b, precision, k, hadamard)
+    assert got.dtype == dtype and got.shape == ref.shape
+    assert torch.equal(got.isnan(), ref.isnan()) and got[0, 3].isnan().all()
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    if precision == Precision.FP8 and DEV == "cuda":
+        tol = max(tol, 1e-3)
+    assert rel_err(got.nan_to_num(0), ref.nan_to_num(0)) < tol
+    torch.testing.assert_close(got[1, 5], b)
+
+
+@pytest.mark.parametrize("precision", list(Precision))
+def test_int8_weight_spec_is_the_dequantized_weight_at_each_precision(precision):
+    """The spec's four routes on an INT8 weight stay within each precision's error of
+    x · (codes * scale)ᵀ; at BF16 they are that product up to fp32 rounding."""
+    g = torch.Generator().manual_seed(int(precision))
+    x = torch.randn(16, 64, generator=g)
+    qw = quantize_weight(torch.randn(24, 64, generator=g), False, "int8")
+    exact = x.double() @ (qw.packed.double() * qw.block_scales.double()).t()
+    out = quantized_linear_reference(x, qw.packed, qw.block_scales, qw.tensor_scale, None, precision, 64, False)
+    tol = {Precision.BF16: 1e-6, Precision.INT8: 2e-2, Precision.FP8: 6e-2, Precision.NVFP4: 0.15}[precision]
+    assert rel_err(out, exact) < tol
+
+
+def test_int8_weight_round_trip_and_size():
+    w = torch.randn(40, 100) * torch.rand(40, 1) * 3
+    qw = quantize_weight(w, False, "int8")
+    back = (qw.packed.float() * qw.block_scales)[:, :100]
+    assert rel_err(back, w) < 1e-2 and qw.packed[:, 100:].eq(0).all()
+    assert qw.nbytes == 40 * 112 + 40 * 4 + 4 and qw.format == "int8"
+    with pytest.raises(ValueError, match="weight format"):
+        quantize_weight(w, False, "int4")
+
+
 def test_dispatch_declines_what_it_cannot_take(caplog):
     x = torch.randn(4, 32, device=DEV)
     qw = quantize_weight(torch.randn(8, 32, device=DEV), False)

@@ -37,6 +37,7 @@ def test_values_are_parsed():
          "passes": {"quantize_linears": False}, "dump_dir": "/tmp/x"}
     )
     assert o.precision == Precision.NVFP4 and o.include == ("blocks.*",) and o.exclude == ("*.ffn.*",)
+    assert SixbitOptions.from_dict({"int8_weights": "*.attn1.to_q"}).int8_weights == ("*.attn1.to_q",)
     assert not o.pass_enabled("quantize_linears") and o.pass_enabled("find_blocks")
 
 
@@ -53,6 +54,7 @@ def test_values_are_parsed():
         ({"hadamard": "yes"}, "hadamard"),
         ({"include": 3}, "include"),
         ({"exclude": ["ok", 4]}, "exclude"),
+        ({"int8_weights": 5}, "int8_weights"),
         ({"passes": {"no_such_pass": False}}, "passes"),
         ({"passes": ["find_blocks"]}, "passes"),
         ({"passes": {"find_blocks": "off"}}, "passes"),

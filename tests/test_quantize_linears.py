@@ -103,6 +103,36 @@ def test_include_and_exclude_patterns():
     assert after[QLINEAR] == 3
 
 
+def test_int8_weights_pattern_stores_those_layers_as_per_channel_int8():
+    model = tiny_wan(num_layers=2)
+    gm, ex = capture(model, **wan_inputs())
+    gm, ctx, _, after, _ = run_passes(gm, ex, int8_weights="*.attn1.to_[qk]")
+    assert after[QLINEAR] == 20  # the same ops: only the stored format differs
+    reasons = {li.path: li.reason for li in ctx.linears}
+    assert reasons["blocks.1.attn1.to_k"].startswith("per-channel INT8 weight (")
+    assert reasons["blocks.1.attn1.to_v"].startswith("NVFP4 weight (")
+    by_path = dict(model.named_modules())
+    for path, fmt, dtype in (("blocks.0.attn1.to_q", "int8", torch.int8), ("blocks.0.attn1.to_v", "nvfp4", torch.uint8)):
+        qw = STORE.get(by_path[path].weight)
+        assert qw.format == fmt and qw.packed.dtype == dtype
+    # the op reads the codes through the same placeholders: the graph runs
+    inputs = InputResolver(ctx.ordered_specs(gm), ctx.runtime)(ex)
+    with torch.no_grad():
+        out = gm(*inputs)[0]
+    assert out.isfinite().all()
+
+
+def test_a_released_weight_is_not_requantized_in_another_format():
+    from sixbit_compiler.weight_store import WeightStoreError
+
+    model = scratch_dit(depth=1)
+    gm, ex = capture(model, torch.randn(2, 10, 8), torch.tensor([1.0, 1.0]))
+    run_passes(gm, ex)
+    gm, ex = capture(model, torch.randn(2, 10, 8), torch.tensor([1.0, 1.0]))
+    with pytest.raises(WeightStoreError, match="weight format 'nvfp4'"):
+        run_passes(gm, ex, int8_weights=["*"])
+
+
 def test_without_blocks_nothing_is_quantized():
     gm, ex = capture(tiny_wan(num_layers=2), **wan_inputs())
     gm, ctx = context_for(gm, ex)

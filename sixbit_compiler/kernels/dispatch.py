@@ -6,11 +6,17 @@ Per precision (spec: ``sixbit_compiler.reference``):
   (stored NVFP4 -> per-channel INT8, per call) feed the INT8 scaled GEMM.
 * NVFP4: ``quantize_nvfp4_values`` (x -> exact bf16 block values + tensor scale) and
   ``decode_nvfp4_values`` feed a bf16 GEMM with fp32 accumulation (exact products); both
-  tensor scales are applied after it. On CUDA that GEMM is cuBLAS (faster than the Triton
-  template at these shapes, see :func:`float_scaled_gemm`).
+  tensor scales are applied in its epilogue. That GEMM is the Triton template (since it became
+  persistent and TMA-fed, faster than cuBLAS plus a scaling pass at every Wan shape, see
+  :func:`float_scaled_gemm`).
 * BF16: x (bf16/fp16) times the decoded block values, tensor scale applied after.
 * FP8: ``quantize_fp8_rows`` (per-token e4m3) and ``decode_nvfp4_to_fp8`` (per-channel e4m3,
   per call) feed cuBLAS's FP8 rowwise ``_scaled_mm`` on CUDA, or the FP8 scaled-GEMM template.
+
+A weight stored as per-channel INT8 (``int8_weights``) needs no decode for the INT8 route (its
+codes are the operand); the NVFP4 and bf16 routes multiply its codes in bf16 (exact) and apply
+the channel scale in the template's epilogue; the FP8 route re-quantizes it per channel, per
+call, with the activation kernel. Spec: ``reference._int8_weight_linear``.
 
 A case the kernels do not take returns None with a reason; the caller logs it once and runs
 the reference path.
@@ -24,6 +30,7 @@ import torch
 
 from ..formats import Precision, hadamard_rotate
 from ..formats._common import pad_last
+from ..reference import stored_k
 from .gemm import scaled_gemm
 from .quantize import quantize_fp8_rows, quantize_int8_rows, quantize_nvfp4_values
 from .weights import decode_nvfp4_to_fp8, decode_nvfp4_to_int8, decode_nvfp4_values
@@ -52,10 +59,12 @@ def log_fallback_once(reason: str) -> None:
 def float_scaled_gemm(a, b, scale, bias, out_dtype, backend: str):
     """(a · bᵀ) * scale (0-d tensor) + bias for bf16/fp16 operands.
 
-    ``"cublas"``: torch.mm, then the scale and bias in place (no host sync: the scale stays
-    a device tensor). On the H100 this beat the Triton template by 1.2-1.4x at Wan shapes
-    (docs/benchmarks.md), at the cost of one extra pass over the output and a bf16
-    rounding before the scale. ``"triton"``: the fused scaled-GEMM template.
+    ``"triton"`` (the default): the fused scaled-GEMM template. ``"cublas"``: torch.mm, then
+    the scale and bias in place (no host sync: the scale stays a device tensor), with one
+    extra pass over the output and a bf16 rounding before the scale. The whole NVFP4 linear on
+    the H100 (kernel run 6, docs/benchmarks.md): 0.50-1.00x bf16 with the template against
+    0.28-0.74x with cuBLAS; the bf16 tier 0.86-1.01x against 0.37-0.91x. (Before the template
+    was persistent and TMA-fed, cuBLAS was the faster of the two.)
     """
     if backend == "triton" or a.dtype != torch.bfloat16 or out_dtype != torch.bfloat16:
         # fp16 products of unscaled block values can overflow before the scale is applied;
@@ -84,9 +93,7 @@ def fp8_linear(x2d, w_packed, w_block_scales_bits, w_tensor_scale, bias, out_dty
 
 
 def default_float_gemm() -> str:
-    from . import interpreting
-
-    return "triton" if interpreting() else "cublas"
+    return "triton"
 
 
 def gemm_input(x, w_packed, in_features: int, hadamard: bool, precision: Precision) -> torch.Tensor:
@@ -95,7 +102,7 @@ def gemm_input(x, w_packed, in_features: int, hadamard: bool, precision: Precisi
     x2d = x.reshape(-1, x.shape[-1])
     if x2d.shape[-1] != in_features:
         raise ValueError(f"quantized_linear: input has {x2d.shape[-1]} features, weight expects {in_features}")
-    kp = w_packed.shape[1] * 2
+    kp = stored_k(w_packed)
     if hadamard:
         # The rotation is quantized from fp32, as in the spec; only the bf16 tier, which
         # multiplies activations as they are, takes them back to their own dtype.
@@ -110,6 +117,8 @@ def gemm_input(x, w_packed, in_features: int, hadamard: bool, precision: Precisi
 def int8_operands(x2d, w_packed, w_block_scales_bits, w_tensor_scale):
     """(x codes, per-token scale, weight codes, per-channel scale) of the INT8 GEMM."""
     xq, xs, _, _ = quantize_int8_rows(x2d)
+    if w_packed.dtype == torch.int8:  # stored per-channel INT8: the operand as it is
+        return xq, xs, w_packed, w_block_scales_bits
     wq, ws = decode_nvfp4_to_int8(w_packed, w_block_scales_bits, w_tensor_scale)
     return xq, xs, wq, ws
 
@@ -117,6 +126,9 @@ def int8_operands(x2d, w_packed, w_block_scales_bits, w_tensor_scale):
 def fp8_operands(x2d, w_packed, w_block_scales_bits, w_tensor_scale):
     """(x codes, per-token scale, weight codes, per-channel scale) of the FP8 GEMM."""
     xq, xs, _, _ = quantize_fp8_rows(x2d)
+    if w_packed.dtype == torch.int8:  # stored per-channel INT8: re-quantize the dequantized rows
+        wq, ws, _, _ = quantize_fp8_rows(w_packed.to(torch.float32) * w_block_scales_bits)
+        return xq, xs, wq, ws
     wq, ws = decode_nvfp4_to_fp8(w_packed, w_block_scales_bits, w_tensor_scale)
     return xq, xs, wq, ws
 
@@ -131,12 +143,12 @@ def quantized_linear(
 ):
     """Kernel path; returns None (after logging once) for a case the kernels do not take.
 
-    ``float_gemm`` picks the GEMM of the float tiers ("cublas" / "triton"); by default cuBLAS
-    for NVFP4 / bf16 and the Triton template for FP8, the faster of each pair on the H200
-    (docs/benchmarks.md: the template fuses bias and cast, cuBLAS FP8 adds them after).
+    ``float_gemm`` picks the GEMM of the float tiers ("cublas" / "triton"); by default the
+    Triton template for all three, the faster of each pair on the H100 (kernel run 6,
+    docs/benchmarks.md: the template fuses the scales, bias and cast; cuBLAS adds them after).
+    Per-channel INT8 weights always take the template (their scale is per column).
     """
-    fp8_gemm = float_gemm or "triton"
-    float_gemm = float_gemm or default_float_gemm()
+    fp8_gemm = float_gemm = float_gemm or default_float_gemm()
     reason = unsupported_reason(x, precision)
     if reason is not None:
         log_fallback_once(reason)
@@ -148,6 +160,15 @@ def quantized_linear(
     if precision == Precision.INT8:
         xq, xs, wq, ws = int8_operands(x2d, w_packed, w_block_scales_bits, w_tensor_scale)
         out = scaled_gemm(xq, wq, xs, ws, bias, out_dtype)
+    elif precision == Precision.FP8:
+        out = fp8_linear(x2d, w_packed, w_block_scales_bits, w_tensor_scale, bias, out_dtype, fp8_gemm)
+    elif w_packed.dtype == torch.int8:  # NVFP4 / bf16 activations on per-channel INT8 codes
+        codes = w_packed.to(torch.bfloat16 if precision == Precision.NVFP4 else x2d.dtype)  # exact
+        if precision == Precision.NVFP4:
+            xv, xts, _, _ = quantize_nvfp4_values(x2d, torch.bfloat16)
+            out = scaled_gemm(xv, codes, xts, w_block_scales_bits, bias, out_dtype)
+        else:
+            out = scaled_gemm(x2d, codes, torch.ones((), device=x2d.device), w_block_scales_bits, bias, out_dtype)
     elif precision == Precision.NVFP4:
         xv, xts, _, _ = quantize_nvfp4_values(x2d, torch.bfloat16)
         wv = decode_nvfp4_values(w_packed, w_block_scales_bits, torch.bfloat16)
@@ -155,8 +176,6 @@ def quantized_linear(
     elif precision == Precision.BF16:
         wv = decode_nvfp4_values(w_packed, w_block_scales_bits, x2d.dtype)
         out = float_scaled_gemm(x2d, wv, w_tensor_scale, bias, out_dtype, float_gemm)
-    elif precision == Precision.FP8:
-        out = fp8_linear(x2d, w_packed, w_block_scales_bits, w_tensor_scale, bias, out_dtype, fp8_gemm)
     else:
         log_fallback_once(f"precision {precision!r}")
         return None
