@@ -27,7 +27,10 @@ CACHE_LOCATIONS = ("auto", "device", "host")
 #: Named presets: the method's knobs at three points of the speed / fidelity trade-off.
 #: docs/options.md gives the fidelity and skip rate each reached, and on which model.
 PRESETS: dict[str, dict[str, Any]] = {
-    "quality": {"activation": "auto", "dmpq_budget": 0.05, "block_cache": False},
+    # self-attention's q and k as 8-bit weights: on the reference model they carry most of what
+    # NVFP4 weights cost (28.9 -> 30.3 dB, docs/benchmarks.md); Wan and CogVideoX name them so
+    "quality": {"activation": "auto", "dmpq_budget": 0.05, "block_cache": False,
+                "int8_weights": ("*.attn1.to_q", "*.attn1.to_k")},
     "balanced": {"activation": "auto", "dmpq_budget": 0.07, "block_cache": True, "cache_threshold": 0.1,
                  "cache_tau": 0.15, "cache_max_skips": 1, "cache_first_steps": 2, "cache_last_steps": 1},
     "fast": {"activation": "auto", "dmpq_budget": 0.1, "block_cache": True, "cache_threshold": 0.15,

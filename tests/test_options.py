@@ -94,6 +94,8 @@ def test_presets_set_the_method_and_explicit_options_win():
     assert fast.activation == "auto" and fast.block_cache and fast.dmpq_budget == PRESETS["fast"]["dmpq_budget"]
     quality = SixbitOptions.from_dict({"preset": "quality"})
     assert not quality.block_cache and quality.dmpq_budget < fast.dmpq_budget
+    assert quality.int8_weights == ("*.attn1.to_q", "*.attn1.to_k") and fast.int8_weights == ()
+    assert SixbitOptions.from_dict({"preset": "quality", "int8_weights": ()}).int8_weights == ()
     mine = SixbitOptions.from_dict({"preset": "balanced", "cache_threshold": 0.5, "activation": "int8"})
     assert mine.cache_threshold == 0.5 and mine.activation == "int8" and mine.block_cache
     assert mine.cache_tau == PRESETS["balanced"]["cache_tau"]

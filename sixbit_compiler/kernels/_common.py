@@ -1,7 +1,9 @@
-"""Device helpers shared by the kernels: exact rounding without hardware conversions.
+"""Device helpers shared by the kernels: exact rounding, portable and with hardware conversions.
 
-The Triton interpreter rounds fp32->fp8 badly and has no rint, so every rounding here is
-plain fp32 arithmetic that behaves the same compiled and interpreted. The few divisions
+The Triton interpreter rounds fp32->fp8 badly and has no rint, so the portable helpers round
+with plain fp32 arithmetic that behaves the same compiled and interpreted. Compiled for a GPU,
+the quantization kernels encode with :func:`encode_rows_hw` instead (one conversion
+instruction per value; the same codes, checked against the spec by the GPU tests). The few divisions
 (one per row or block) use ``tl.math.div_rn``: Triton's ``/`` on the GPU is approximate,
 which moved codes across rounding boundaries (seen on the H100), and an IEEE division per
 element cost 3x the bandwidth. Per element the kernels multiply by that reciprocal, as the

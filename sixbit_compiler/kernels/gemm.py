@@ -32,10 +32,9 @@ import os
 import torch
 import triton
 import triton.language as tl
-
-from . import interpreting
 from triton.runtime.errors import OutOfResources
 
+from . import interpreting
 from ._common import NO_FMA, next_pow2
 
 
@@ -56,9 +55,9 @@ def configs(int8: bool):
     The first two are persistent programs fed by the copy engine (``PERSISTENT`` and ``TMA``):
     one program per SM walks the tiles (:func:`gemm_grid`) in one flattened loop, so the next
     tile's first loads are in flight while this tile's epilogue runs, and operand tiles arrive
-    through TMA descriptors instead of per-thread loads. On the H100 they were 1.54x bf16 cuBLAS
+    through TMA descriptors instead of per-thread loads. On the H100 they were 1.60x bf16 cuBLAS
     on average over the six Wan shapes for INT8 against 1.43x for the best one-tile-per-program
-    config, and 0.94x against 0.85x for the bf16 template (``docs/kernels.md``). TMA needs
+    config, and 0.93x against 0.84x for the bf16 template (``docs/kernels.md``). TMA needs
     16-byte aligned rows, so the pointer configs after them serve the other operands
     (:func:`_prune`). Under the interpreter, one 64-wide tile of the fast kind, several tiles per
     program, so that the CPU tests walk the same path."""

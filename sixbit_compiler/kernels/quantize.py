@@ -33,7 +33,7 @@ def _rows_kernel(
     HW_CVT: tl.constexpr,
 ):
     """Per-row INT8 (codes as int8) or FP8 e4m3 (codes as uint8 bits), scale = amax / qmax.
-    ``HW_CVT``: encode with the GPU's conversion instructions (``encode_rows``)."""
+    ``HW_CVT``: encode with the GPU's conversion instructions (``encode_rows_hw``)."""
     QMAX: tl.constexpr = 448.0 if FP8 else 127.0
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
