@@ -13,7 +13,10 @@ sixbit_int8_cache (block regions, nothing skipped: the mechanism's cost) and for
 schedules sixbit_int8_skip33 / _skip50 / _skipNN (a third / half / NN % of the blocks skipped
 after the first step: the mechanism, not the policy), and the presets sixbit_quality /
 _balanced / _fast. A sixbit mode ending in "@host" / "@device" sets where its block cache
-lives (option cache_location; default: host on a GPU).
+lives (option cache_location; default: host on a GPU). A sixbit mode may also carry option
+overrides, "+key=value" each, before any "@": e.g.
+"sixbit_int8_skip37+int8_weights=*.attn1.to_[qk]@host" (values are JSON where they parse,
+strings otherwise).
 
 Per mode: loop time, median time per model call, first call (compile) time, weight bytes,
 cache bytes, peak allocated during the loop, fidelity of the final latents to bf16 eager
@@ -134,12 +137,29 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def option_overrides(items: list[str]) -> dict:
+    """"key=value" strings -> options; a value is JSON where it parses ("0.2", "true"), else a
+    string (glob patterns)."""
+    options = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"mode override {item!r}: expected key=value")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
 def prepare(mode, model, device, num_blocks):
     """The model as the mode runs it, plus a post-compile hook. A sixbit mode may end in
-    "@host" or "@device": where its block cache lives (option cache_location)."""
+    "@host" or "@device": where its block cache lives (option cache_location), and carry
+    "+key=value" option overrides before it."""
     import sixbit_compiler
 
     mode, _, location = mode.partition("@")
+    mode, *overrides = mode.split("+")
 
     if mode == "bf16_eager":
         return model, None
@@ -171,6 +191,7 @@ def prepare(mode, model, device, num_blocks):
         options = {"activation": "int8", "block_cache": skip is not None, "cache_policy": "none"}
     if location:
         options["cache_location"] = location
+    options.update(option_overrides(overrides))
     compiled = torch.compile(model, backend="sixbit", options=options)
 
     def after_first_call(m):

@@ -39,12 +39,15 @@ def test_e2e_modes_across_commands_share_the_reference_and_pick_the_cache_locati
     ref = str(tmp_path / "ref.pt")
     common = ["--workload", "tiny-wan", "--steps", "3", "--reference", ref]
     first = e2e.main(common + ["--modes", "bf16_eager"])["modes"]
-    second = e2e.main(common + ["--modes", "sixbit_int8_skip50@host,sixbit_int8_skip50@device"])["modes"]
+    second = e2e.main(common + ["--modes", "sixbit_int8_skip50@host,sixbit_int8_skip50@device,"
+                                          "sixbit_int8_skip50+int8_weights=*.attn1.to_[qk]@host"])["modes"]
     assert "failed" not in first["bf16_eager"] and os.path.exists(ref)
     host, device = second["sixbit_int8_skip50@host"], second["sixbit_int8_skip50@device"]
     assert host["cache_location"] == "host" and device["cache_location"] == "device"
     assert host["fidelity_vs_bf16"] == device["fidelity_vs_bf16"]  # same values wherever the cache lives
     assert 0 < host["fidelity_vs_bf16"]["relative_l2"] < 0.5
+    int8qk = second["sixbit_int8_skip50+int8_weights=*.attn1.to_[qk]@host"]
+    assert "failed" not in int8qk and int8qk["weights_bytes"] > host["weights_bytes"]  # q, k at 8 bits
 
 
 def test_memory_peak_replay():
