@@ -48,8 +48,9 @@ class QuantizedWeight:
     * ``int8`` (formats.int8, per output channel): ``packed`` int8 [N, Kp], ``block_scales``
       fp32 [N, 1] (the channel scales), ``tensor_scale`` fp32 1.0 (unused).
 
-    Kp is K rounded up to 16 with zero columns in both, so that activations pad alike. The op
-    and the kernels tell the formats apart by ``packed``'s dtype (:func:`is_int8_weight`).
+    Kp is K rounded up to 16 (to 128 with ``hadamard``) with zero columns in both, so that
+    activations pad alike. The op and the kernels tell the formats apart by ``packed``'s dtype
+    (int8 for INT8, uint8 for NVFP4).
     """
 
     packed: torch.Tensor
@@ -71,11 +72,6 @@ class QuantizedWeight:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.block_scales, self.tensor_scale))
-
-
-def is_int8_weight(packed: torch.Tensor) -> bool:
-    """Whether a stored weight's first tensor holds per-channel INT8 codes (else NVFP4)."""
-    return packed.dtype == torch.int8
 
 
 def quantize_weight(weight: torch.Tensor, hadamard: bool, fmt: str = "nvfp4") -> QuantizedWeight:
