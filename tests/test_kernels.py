@@ -168,13 +168,22 @@ def test_gemm_unaligned_operands_take_the_pointer_configs():
     g = torch.Generator().manual_seed(3)
     a = torch.randint(-127, 128, (40, 73), generator=g, dtype=torch.int8).to(DEV)[:, 1:]  # base off by 1 B
     b = torch.randint(-127, 128, (24, 72), generator=g, dtype=torch.int8).to(DEV)
-    assert not tma_takes(a) and tma_takes(torch.zeros(4, 64, dtype=torch.int8))
+    assert not tma_takes(a) and tma_takes(torch.zeros(4, 64, dtype=torch.int8, device=DEV))
     assert [c for c in configs(True) if not c.kwargs["TMA"]] == _prune(configs(True), {}, TMA_OK=False)
     assert any(c.kwargs["TMA"] for c in configs(True))
     sa, sb = torch.rand(40, 1, generator=g).to(DEV), torch.rand(24, 1, generator=g).to(DEV)
     c = scaled_gemm(a, b, sa, sb, None, torch.float32)
     ref = (a.double() @ b.double().t()) * sa.double() * sb.double().t()
     assert rel_err(c, ref) < 1e-6
+
+
+def test_tma_configs_only_where_the_gpu_and_triton_have_descriptors(monkeypatch):
+    import sixbit_compiler.kernels.gemm as gemm
+
+    monkeypatch.setattr(gemm, "interpreting", lambda: False)
+    assert not gemm.tma_available(torch.device("cpu"))
+    monkeypatch.delattr(gemm.tl, "make_tensor_descriptor")  # a Triton from before in-kernel descriptors
+    assert not gemm.tma_available(torch.device("cuda", 0))
 
 
 @pytest.mark.parametrize("m, n, k", [(70, 40, 208), (1, 8, 16)])

@@ -69,9 +69,26 @@ def configs(int8: bool):
 
 
 def tma_takes(t: torch.Tensor) -> bool:
-    """Whether a [rows, K] operand can be read through a TMA descriptor: 16-byte aligned base
-    and row stride, contiguous rows."""
-    return t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+    """Whether a [rows, K] operand can be read through a TMA descriptor: a GPU with the copy
+    engine (Hopper on) and a Triton that builds descriptors in kernels, a 16-byte aligned base
+    and row stride, contiguous rows. Elsewhere the pointer configs run."""
+    return (tma_available(t.device) and t.stride(1) == 1 and t.data_ptr() % 16 == 0
+            and (t.stride(0) * t.element_size()) % 16 == 0)
+
+
+_TMA_DEVICES: dict = {}
+
+
+def tma_available(device: torch.device) -> bool:
+    """In-kernel TMA descriptors: the interpreter, or sm_90+ with a Triton that has them."""
+    if interpreting():
+        return True
+    if device.type != "cuda" or not (hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")):
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _TMA_DEVICES:
+        _TMA_DEVICES[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return _TMA_DEVICES[index]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -142,6 +159,9 @@ def launch_with_scratch(launch):
     """Run ``launch()`` with Triton's allocator set to ours: kernels that build TMA descriptors
     in the kernel need a little global scratch. Set in a copied context, so the caller's own
     allocator (Triton's setting is a context variable) is left as it was."""
+    if not hasattr(triton, "set_allocator"):  # an older Triton: no TMA configs run (tma_available)
+        return launch()
+
     def inner():
         triton.set_allocator(_scratch)
         return launch()
