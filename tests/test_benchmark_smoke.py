@@ -50,6 +50,14 @@ def test_e2e_modes_across_commands_share_the_reference_and_pick_the_cache_locati
     assert "failed" not in int8qk and int8qk["weights_bytes"] > host["weights_bytes"]  # q, k at 8 bits
 
 
+def test_e2e_mode_overrides_parse_json_or_keep_strings():
+    overrides = benchmark("e2e").option_overrides
+    assert overrides(["int8_weights=*.attn1.to_[qk]", "cache_threshold=0.2", "hadamard=true"]) == {
+        "int8_weights": "*.attn1.to_[qk]", "cache_threshold": 0.2, "hadamard": True}
+    with pytest.raises(ValueError, match="key=value"):
+        overrides(["int8_weights"])
+
+
 def test_memory_peak_replay():
     peak_from_trace = benchmark("memory_peak").peak_from_trace
     frame = [{"filename": "/x/site-packages/torch/nn/functional.py", "line": 1, "name": "linear"},
