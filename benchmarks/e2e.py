@@ -138,15 +138,16 @@ def sync(device):
 
 
 def option_overrides(items: list[str]) -> dict:
-    """"key=value" strings -> options; a value is JSON where it parses ("0.2", "true"), else a
-    string (glob patterns)."""
+    """"key=value" strings -> options (the "+key=value" parts of a mode, here and in
+    ref_presets.py); a value is JSON where it parses ("0.2", "2", "true"; "True" / "False" too),
+    else a string (glob patterns)."""
     options = {}
     for item in items:
         key, eq, value = item.partition("=")
         if not eq:
             raise ValueError(f"mode override {item!r}: expected key=value")
         try:
-            options[key] = json.loads(value)
+            options[key] = json.loads(value.lower() if value in ("True", "False") else value)
         except json.JSONDecodeError:
             options[key] = value
     return options

@@ -72,14 +72,11 @@ def _sixbit(mode, model, encoder, specs, seeds, steps, reference, device, dtype)
     from sixbit_compiler.refmodel.evaluate import score
     from sixbit_compiler.refmodel.model import sample_batch
 
+    from e2e import option_overrides  # the same "+key=value" parts as the end-to-end modes
+
     name, *overrides = mode.split("+")  # e.g. "fast+cache_dtype=fp8"
     options = {"preset": name} if name in ("quality", "balanced", "fast") else {"activation": name}
-    for item in overrides:
-        key, _, value = item.partition("=")
-        if value in ("true", "false", "True", "False"):
-            options[key] = value.lower() == "true"
-        else:
-            options[key] = float(value) if value.replace(".", "", 1).isdigit() else value
+    options.update(option_overrides(overrides))
     options["lowering"] = "eager"  # quality and decisions do not depend on the lowering
     compiled = torch.compile(model, backend="sixbit", options=options)
     t0 = time.perf_counter()

@@ -54,6 +54,8 @@ def test_e2e_mode_overrides_parse_json_or_keep_strings():
     overrides = benchmark("e2e").option_overrides
     assert overrides(["int8_weights=*.attn1.to_[qk]", "cache_threshold=0.2", "hadamard=true"]) == {
         "int8_weights": "*.attn1.to_[qk]", "cache_threshold": 0.2, "hadamard": True}
+    assert overrides(["hadamard=True", "cache_max_skips=2", "cache_dtype=fp8"]) == {
+        "hadamard": True, "cache_max_skips": 2, "cache_dtype": "fp8"}
     with pytest.raises(ValueError, match="key=value"):
         overrides(["int8_weights"])
 
