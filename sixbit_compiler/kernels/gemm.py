@@ -26,6 +26,7 @@ generated epilogue on the tile first: one GEMM main loop, used by both.
 from __future__ import annotations
 
 import contextvars
+import functools
 import inspect
 import os
 
@@ -76,19 +77,27 @@ def tma_takes(t: torch.Tensor) -> bool:
             and (t.stride(0) * t.element_size()) % 16 == 0)
 
 
-_TMA_DEVICES: dict = {}
-
-
 def tma_available(device: torch.device) -> bool:
     """In-kernel TMA descriptors: the interpreter, or sm_90+ with a Triton that has them."""
     if interpreting():
         return True
     if device.type != "cuda" or not (hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")):
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _TMA_DEVICES:
-        _TMA_DEVICES[index] = torch.cuda.get_device_capability(index)[0] >= 9
-    return _TMA_DEVICES[index]
+    return _capability(_index(device))[0] >= 9
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _prune(configs, named_args, **kwargs):
@@ -114,7 +123,7 @@ def launch_gemm(kernel, a, b, m, n, *args, **kwargs):
             return kernel[grid](a, b, *args, TMA_OK=aligned, **kwargs)
         # A persistent program holds its pipeline and its epilogue's layout change in shared
         # memory at once: with an fp32 output a 128x256 tile needs 272 KB (H100: 227 KB).
-        fits = [c for c in kernel.configs if aligned or not c.kwargs["TMA"]]
+        fits = _prune(kernel.configs, {}, TMA_OK=aligned)
         for cfg in fits:
             try:
                 return kernel.fn[grid](a, b, *args, TMA_OK=aligned, **kwargs, **cfg.all_kwargs())
@@ -137,18 +146,12 @@ def gemm_grid(m: int, n: int, device: torch.device):
     return grid
 
 
-_SLOTS: dict = {}
-
-
 def _program_slots(device: torch.device) -> int:
     """Programs a persistent launch starts: the SM count (a Hopper GEMM tile's pipeline fills
     one SM's shared memory), or 3 under the interpreter (several tiles per program)."""
     if interpreting() or device.type != "cuda":
         return 3
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SLOTS:
-        _SLOTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SLOTS[index]
+    return _sm_count(_index(device))
 
 
 def _scratch(size: int, alignment: int, stream):
