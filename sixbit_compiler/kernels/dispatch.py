@@ -92,10 +92,6 @@ def fp8_linear(x2d, w_packed, w_block_scales_bits, w_tensor_scale, bias, out_dty
     return out
 
 
-def default_float_gemm() -> str:
-    return "triton"
-
-
 def gemm_input(x, w_packed, in_features: int, hadamard: bool, precision: Precision) -> torch.Tensor:
     """x [..., K] as the GEMM's [M, Kp] operand: rotated if the weight was, zero-padded to the
     stored weight's K, contiguous."""
@@ -146,9 +142,10 @@ def quantized_linear(
     ``float_gemm`` picks the GEMM of the float tiers ("cublas" / "triton"); by default the
     Triton template for all three, the faster of each pair on the H100 (kernel run 6,
     docs/benchmarks.md: the template fuses the scales, bias and cast; cuBLAS adds them after).
-    Per-channel INT8 weights always take the template (their scale is per column).
+    NVFP4 / bf16 activations on per-channel INT8 weights always take the template (their scale
+    is per column).
     """
-    fp8_gemm = float_gemm = float_gemm or default_float_gemm()
+    float_gemm = float_gemm or "triton"
     reason = unsupported_reason(x, precision)
     if reason is not None:
         log_fallback_once(reason)
@@ -161,7 +158,7 @@ def quantized_linear(
         xq, xs, wq, ws = int8_operands(x2d, w_packed, w_block_scales_bits, w_tensor_scale)
         out = scaled_gemm(xq, wq, xs, ws, bias, out_dtype)
     elif precision == Precision.FP8:
-        out = fp8_linear(x2d, w_packed, w_block_scales_bits, w_tensor_scale, bias, out_dtype, fp8_gemm)
+        out = fp8_linear(x2d, w_packed, w_block_scales_bits, w_tensor_scale, bias, out_dtype, float_gemm)
     elif w_packed.dtype == torch.int8:  # NVFP4 / bf16 activations on per-channel INT8 codes
         codes = w_packed.to(torch.bfloat16 if precision == Precision.NVFP4 else x2d.dtype)  # exact
         if precision == Precision.NVFP4:
