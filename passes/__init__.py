@@ -10,16 +10,18 @@ from .find_blocks import find_blocks
 from .fuse_regions import fuse_regions
 from .lower_regions import lower_regions
 from .precision_guards import precision_guards
+from .quantize_attention import quantize_attention
 from .quantize_linears import quantize_linears
 
 #: name -> pass, in execution order.
 PASS_REGISTRY = {
     "find_blocks": find_blocks,
     "quantize_linears": quantize_linears,
+    "quantize_attention": quantize_attention,
     "fuse_regions": fuse_regions,
     "lower_regions": lower_regions,
     "block_regions": block_regions,
     "precision_guards": precision_guards,
 }
 
-__all__ = ["PASS_REGISTRY", "block_regions", "find_blocks", "fuse_regions", "lower_regions", "precision_guards", "quantize_linears"]
+__all__ = ["PASS_REGISTRY", "block_regions", "find_blocks", "fuse_regions", "lower_regions", "precision_guards", "quantize_attention", "quantize_linears"]

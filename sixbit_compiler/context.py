@@ -67,6 +67,17 @@ class LinearInfo:
 
 
 @dataclasses.dataclass
+class AttentionInfo:
+    """One SDPA call of the captured graph, and what became of it (``quantize_attention``)."""
+
+    path: str
+    block: str | None
+    shape: str  # "q [B, H, Sq, D], kv [B, H, Skv, D]"
+    status: str = "kept"  # "quantized" | "kept"
+    reason: str = ""
+
+
+@dataclasses.dataclass
 class CompileContext:
     options: SixbitOptions
     example_inputs: list[Any]
@@ -74,6 +85,7 @@ class CompileContext:
     compile_id: str = "compile"
     blocks: list[BlockInfo] = dataclasses.field(default_factory=list)
     linears: list[LinearInfo] = dataclasses.field(default_factory=list)
+    attentions: list[AttentionInfo] = dataclasses.field(default_factory=list)
     input_specs: dict[str, InputSpec] = dataclasses.field(default_factory=dict)
     weights_to_release: list[torch.Tensor] = dataclasses.field(default_factory=list)
     block_regions: list[str] = dataclasses.field(default_factory=list)  # submodule names, by block_regions

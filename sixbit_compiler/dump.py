@@ -97,6 +97,12 @@ class DumpWriter:
         for li in ctx.linears:
             became = f"sixbit.quantized_linear (slot {li.slot})" if li.status == "quantized" else "unchanged (high precision)"
             lines.append(f"| `{li.path}` | {li.block or '-'} | {li.in_features} → {li.out_features} | {became} | {li.reason} |")
+        if ctx.attentions:
+            lines += ["", f"## Attention calls ({len(ctx.attentions)})", "", "| module | block | shapes | became | why |",
+                      "|---|---|---|---|---|"]
+            for a in ctx.attentions:
+                became = "sixbit.quantized_attention" if a.status == "quantized" else "unchanged (exact SDPA)"
+                lines.append(f"| `{a.path}` | {a.block or '-'} | {a.shape} | {became} | {a.reason} |")
         lines += ["", f"## Transformer blocks ({len(ctx.blocks)})", ""]
         if ctx.blocks:
             lines += ["| block | class | nodes | inputs from outside | outputs used after |", "|---|---|---|---|---|"]

@@ -1,6 +1,7 @@
 """The custom ops the passes insert: ``sixbit::quantized_linear`` (``quantize_linears``),
 ``sixbit::linear_epilogue`` and ``sixbit::region_kernel`` (``lower_regions``, generated kernels),
-``sixbit::residual_abs_sums`` (``precision_guards``).
+``sixbit::residual_abs_sums`` (``precision_guards``), ``sixbit::quantized_attention``
+(``quantize_attention``).
 
 They are ``torch.library`` custom ops, so Inductor and AOTAutograd treat them as opaque
 kernels with known output shapes (the fake implementations), and they pass
@@ -17,6 +18,7 @@ without recompiling, and reading the slot never syncs the GPU.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional
 
@@ -24,6 +26,8 @@ import torch
 
 from .formats import Precision
 from .reference import quantized_linear_reference, reference_scales
+
+log = logging.getLogger("sixbit")
 
 #: Set SIXBIT_KERNELS=0 to run the reference path on GPU too (debugging, A/B checks).
 KERNELS_ENV = "SIXBIT_KERNELS"
@@ -191,3 +195,56 @@ def _residual_abs_sums_fake(y, x):
 
 
 RESIDUAL_ABS_SUMS = torch.ops.sixbit.residual_abs_sums.default
+
+
+@torch.library.custom_op("sixbit::quantized_attention", mutates_args=())
+def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
+    """SDPA without mask, dropout or causality, with INT8 Q·Kᵀ and FP8 P·V (``quantize_attention``;
+    spec ``formats.attention``). q [B, H, Sq, D], k and v [B, H, Skv, D].
+
+    On CUDA (or the interpreter) the Triton kernels; on CPU the spec (sixbit's emulation, as for
+    the linears). Inputs the kernels do not take on the GPU run exact SDPA, with one log line.
+    The output is laid out as [B, Sq, H, D] (as the flash backends lay out theirs).
+    """
+    out = _attention_output(q, v)
+    if (q.is_cuda or _interpreting()) and use_kernels():
+        from .kernels import attention
+
+        reason = attention.unsupported_reason(q, k, v)
+        if reason is None:
+            return attention.quantized_attention(q, k, v, scale)
+        _log_attention_fallback(reason)
+        out.copy_(torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale))
+        return out
+    from .formats.attention import quantized_attention_reference
+
+    out.copy_(quantized_attention_reference(q, k, v, scale))
+    return out
+
+
+@quantized_attention.register_fake
+def _quantized_attention_fake(q, k, v, scale):
+    return _attention_output(q, v)
+
+
+def _attention_output(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    b, h, sq, _ = q.shape
+    return q.new_empty((b, sq, h, v.shape[-1])).transpose(1, 2)
+
+
+def _interpreting() -> bool:
+    from .kernels import interpreting
+
+    return interpreting()
+
+
+_attention_fallbacks: set[str] = set()
+
+
+def _log_attention_fallback(reason: str) -> None:
+    if reason not in _attention_fallbacks:
+        _attention_fallbacks.add(reason)
+        log.warning("sixbit: quantized_attention runs exact SDPA for %s", reason)
+
+
+QUANTIZED_ATTENTION = torch.ops.sixbit.quantized_attention.default

@@ -22,6 +22,7 @@ DUMP_DIR_ENV = "SIXBIT_DUMP_DIR"
 LOWERINGS = ("auto", "eager", "inductor")
 CACHE_DTYPES = ("activation", "int8", "fp8")
 CACHE_LOCATIONS = ("auto", "device", "host")
+ATTENTIONS = ("exact", "int8")
 
 
 #: Named presets: the method's knobs at three points of the speed / fidelity trade-off.
@@ -73,6 +74,11 @@ class SixbitOptions:
     #: (8 bits) instead of NVFP4 (4.5 bits): the fidelity lever that costs less memory than
     #: ``exclude``. E.g. ("*.attn1.to_q", "*.attn1.to_k"): docs/options.md.
     int8_weights: tuple[str, ...] = ()
+    #: Attention inside transformer blocks: "exact" (the model's own SDPA, untouched) or "int8"
+    #: (``quantize_attention``: Q·Kᵀ in INT8 with K smoothed, P·V in FP8 e4m3, softmax in fp32;
+    #: the SageAttention recipe, formats/attention.py). Calls with a mask, dropout, causality or
+    #: a head dim the kernels do not take stay exact. docs/options.md has its speed and fidelity.
+    attention: str = "exact"
     #: Rotate activations and weights by a 128-block Hadamard before quantizing.
     hadamard: bool = False
     #: Switch passes on or off by name, e.g. {"quantize_linears": False}.
@@ -189,6 +195,8 @@ class SixbitOptions:
             raise bad("cache_dtype", f"must be one of {CACHE_DTYPES}")
         if self.cache_location not in CACHE_LOCATIONS:
             raise bad("cache_location", f"must be one of {CACHE_LOCATIONS}")
+        if self.attention not in ATTENTIONS:
+            raise bad("attention", f"must be one of {ATTENTIONS}")
         if self.lowering not in LOWERINGS:
             raise bad("lowering", f"must be one of {LOWERINGS}")
         if self.timestep_input is not None and not isinstance(self.timestep_input, str):
@@ -223,6 +231,10 @@ class SixbitOptions:
     def measures_blocks(self) -> bool:
         """Whether the compiled model measures block statistics (DMPQ or the block cache)."""
         return self.dynamic or self.block_cache
+
+    @property
+    def quantizes_attention(self) -> bool:
+        return self.attention == "int8"
 
     def pass_enabled(self, name: str) -> bool:
         return self.passes.get(name, True)

@@ -1,0 +1,247 @@
+"""Quantized attention on the GPU: INT8 Q·Kᵀ, FP8 P·V (spec: ``formats.attention``).
+
+Three steps, each one pass over its tensor:
+
+* ``_qk_rows_kernel``: Q, and K minus its token mean, to per-token INT8 codes and scales, read
+  through SDPA's strides (Wan's q/k/v are transposed views) and written contiguous, tokens
+  padded to a multiple of 128 with zero codes;
+* ``_v_kernel``: V to FP8 e4m3 per channel, written transposed (Vᵀ [B, H, D, S]), the
+  operand layout Hopper's FP8 MMA takes for P·V;
+* ``_attention_kernel``: one program per (128 queries, head): the flash-attention loop over
+  key blocks with an INT8 MMA for the scores and an FP8 MMA for P·V, the softmax in fp32.
+
+Why: on the H100 attention is over half of a Wan block (docs/benchmarks.md), and INT8 and
+FP8 MMAs run at twice bf16's rate. The padding lets the main loop load unmasked (a key past
+the end has zero codes and its logit is masked to −inf).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..formats._common import div_exact
+from ..formats.attention import HEAD_DIMS, LOG2E, P_SCALE, key_mean
+from ..formats.fp8 import FP8_E4M3_MAX
+from . import interpreting
+from ._common import NO_FMA, encode_rows, encode_rows_hw, int8_rows, round_to_e4m3
+from .gemm import single_config
+
+#: tokens are padded to a multiple of this (the largest BLOCK_M / BLOCK_N of the configs)
+TOKEN_PAD = 128
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_QUANT_ROWS = 64  # tokens per program of the quantization kernels
+
+
+@triton.jit
+def _qk_rows_kernel(
+    x_ptr, mean_ptr, codes_ptr, scale_ptr, H, S, S_PAD, stride_b, stride_h, stride_s, stride_d, limit,
+    HAS_MEAN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Per-token INT8 of x[b, h] (minus mean[b, h] if HAS_MEAN) into codes [B·H, S_PAD, D]."""
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    d = tl.arange(0, HEAD_DIM)
+    ok = s < S
+    x = tl.load(x_ptr + b.to(tl.int64) * stride_b + h * stride_h + s[:, None] * stride_s + d[None, :] * stride_d,
+                mask=ok[:, None], other=0.0).to(tl.float32)
+    if HAS_MEAN:
+        x = tl.where(ok[:, None], x - tl.load(mean_ptr + bh * HEAD_DIM + d)[None, :], 0.0)
+    x = tl.where(x > limit, limit, tl.where(x < -limit, -limit, x))  # ±Inf saturates; NaN passes
+    q, scale, _, _ = int8_rows(x)
+    row = bh.to(tl.int64) * S_PAD + s
+    tl.store(codes_ptr + row[:, None] * HEAD_DIM + d[None, :], q.to(tl.int8))
+    tl.store(scale_ptr + row, scale)
+
+
+@triton.jit
+def _v_kernel(
+    v_ptr, inv_ptr, codes_ptr, H, S, S_PAD, stride_b, stride_h, stride_s, stride_d, limit,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, HW_CVT: tl.constexpr,
+):
+    """e4m3 codes of v[b, h] · inv[b, h, d], stored transposed into codes [B·H, D, S_PAD]."""
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    d = tl.arange(0, HEAD_DIM)
+    x = tl.load(v_ptr + b.to(tl.int64) * stride_b + h * stride_h + s[None, :] * stride_s + d[:, None] * stride_d,
+                mask=(s < S)[None, :], other=0.0).to(tl.float32)  # [D, BLOCK_S]: rows are channels
+    inv = tl.load(inv_ptr + bh * HEAD_DIM + d)
+    if HW_CVT:
+        codes = encode_rows_hw(x, inv, True)
+    else:
+        codes = encode_rows(tl.where(x > limit, limit, tl.where(x < -limit, -limit, x)), inv, True)
+    row = bh.to(tl.int64) * HEAD_DIM + d
+    tl.store(codes_ptr + row[:, None] * S_PAD + s[None, :], codes.to(tl.uint8))
+
+
+@triton.jit
+def _attend(acc, m_i, l_i, q, row_factor, k_base, ks_base, vt_base, n0, SKV, S_PAD_KV,
+            HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr):
+    """One block of BLOCK_N keys of the online softmax (``formats.attention``'s loop body)."""
+    cols = n0 + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, HEAD_DIM)
+    k = tl.load(k_base + cols[:, None] * HEAD_DIM + d[None, :])
+    scores = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
+    logits = (scores * tl.load(ks_base + cols)[None, :]) * row_factor[:, None]
+    if MASKED:  # keys past the end: zero codes (padding), logit -inf
+        logits = tl.where((cols < SKV)[None, :], logits, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+    p = tl.math.exp2(logits - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
+    vt = tl.load(vt_base + d[:, None] * S_PAD_KV + cols[None, :])  # [D, BLOCK_N] e4m3, keys contiguous
+    if UPCAST:  # the interpreter: fp8 rounding by hand, the dot in fp32 (exact values, same sums)
+        p8 = round_to_e4m3(p * 448.0)
+        acc += tl.dot(p8, tl.trans(vt.to(tl.float32)))
+    else:
+        acc += tl.dot((p * 448.0).to(tl.float8e4nv), tl.trans(vt))
+    return acc, m_new, l_i
+
+
+def _configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in ((128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (128, 64, 8, 4), (64, 128, 4, 3))]
+
+
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "SQ_BUCKET", "SKV_BUCKET"])
+@triton.jit
+def _attention_kernel(
+    q_ptr, qs_ptr, k_ptr, ks_ptr, vt_ptr, vs_ptr, o_ptr, softmax_factor,
+    H, SQ, SKV, S_PAD_Q, S_PAD_KV, stride_ob, stride_oh, stride_os, SQ_BUCKET, SKV_BUCKET,
+    HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, HEAD_DIM)
+    q_row = bh.to(tl.int64) * S_PAD_Q + rows
+    q = tl.load(q_ptr + q_row[:, None] * HEAD_DIM + d[None, :])
+    row_factor = tl.load(qs_ptr + q_row) * softmax_factor  # q_scale · softmax scale · log2(e)
+    k_base = k_ptr + bh.to(tl.int64) * S_PAD_KV * HEAD_DIM
+    ks_base = ks_ptr + bh.to(tl.int64) * S_PAD_KV
+    vt_base = vt_ptr + bh.to(tl.int64) * HEAD_DIM * S_PAD_KV
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    n_full = (SKV // BLOCK_N) * BLOCK_N
+    for n0 in range(0, n_full, BLOCK_N):
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, row_factor, k_base, ks_base, vt_base, n0, SKV, S_PAD_KV,
+                                HEAD_DIM, BLOCK_N, False, UPCAST)
+    if n_full < SKV:
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, row_factor, k_base, ks_base, vt_base, n_full, SKV, S_PAD_KV,
+                                HEAD_DIM, BLOCK_N, True, UPCAST)
+    v_factor = tl.load(vs_ptr + bh * HEAD_DIM + d) * (1.0 / 448.0)
+    out = acc / l_i[:, None] * v_factor[None, :]
+    o = o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + rows[:, None] * stride_os + d[None, :]
+    tl.store(o, out.to(o_ptr.dtype.element_ty), mask=(rows < SQ)[:, None])
+
+
+def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why the kernels cannot take these SDPA inputs, or None."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return f"{q.dim()}-d inputs (the kernels take [B, H, S, D])"
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtypes {q.dtype}, {k.dtype}, {v.dtype}"
+    if q.shape[:2] != k.shape[:2] or k.shape != v.shape or q.shape[-1] != k.shape[-1]:
+        return f"shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)} (grouped or differing heads)"
+    if q.shape[-1] not in HEAD_DIMS:
+        return f"head dim {q.shape[-1]} (the kernels take {HEAD_DIMS})"
+    if q.numel() == 0 or k.numel() == 0:
+        return "empty input"
+    if q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 9):
+        return "a GPU without FP8 tensor cores (sm_89+)"
+    return None
+
+
+def _pad(s: int) -> int:
+    return -(-s // TOKEN_PAD) * TOKEN_PAD
+
+
+def quantize_qk(x: torch.Tensor, mean: torch.Tensor | None):
+    """x [B, H, S, D] (any strides), minus ``mean`` [B, H, 1, D] fp32 if given -> (int8 codes
+    [B, H, S_pad, D], fp32 scale [B, H, S_pad]); rows past S are zero. Equals
+    ``formats.attention.quantize_queries`` / ``quantize_keys`` on the first S rows."""
+    b, h, s, d = x.shape
+    s_pad = _pad(s)
+    codes = torch.empty((b, h, s_pad, d), dtype=torch.int8, device=x.device)
+    scale = torch.empty((b, h, s_pad), dtype=torch.float32, device=x.device)
+    # the smoothed keys are fp32, so they saturate at fp32's limit, as the spec's fp32 tensor does
+    limit = torch.finfo(torch.float32 if mean is not None else x.dtype).max
+    _qk_rows_kernel[(s_pad // _QUANT_ROWS, b * h)](
+        x, mean.contiguous() if mean is not None else x, codes, scale, h, s, s_pad, *x.stride(), limit,
+        HAS_MEAN=mean is not None, HEAD_DIM=d, BLOCK_S=_QUANT_ROWS, num_warps=4, **NO_FMA,
+    )
+    return codes, scale
+
+
+def value_scales(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, 1/scale) [B, H, D] fp32 of V per channel, as ``formats.quantize_fp8_rows`` on Vᵀ,
+    without an fp32 copy of V: amax and amin over the tokens in V's dtype (exact), NaN kept by
+    torch's reductions. (The spec's codes of a NaN channel are those of its other values; here
+    they are scaled by 1: either way its NaN scale makes that output channel NaN.)"""
+    limit = torch.finfo(v.dtype).max
+    amax = torch.maximum(v.amax(dim=-2).abs(), v.amin(dim=-2).abs()).float()
+    has_nan = torch.isnan(amax)
+    amax = torch.where(has_nan, torch.zeros_like(amax), amax.clamp(max=limit))
+    scale = div_exact(amax, FP8_E4M3_MAX)
+    inv = torch.ones_like(scale) / torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.where(has_nan, torch.full_like(scale, float("nan")), scale), inv
+
+
+def quantize_v(v: torch.Tensor):
+    """v [B, H, S, D] -> (e4m3 codes of Vᵀ as uint8 [B, H, D, S_pad], fp32 scale [B, H, D])."""
+    b, h, s, d = v.shape
+    s_pad = _pad(s)
+    scale, inv = value_scales(v)
+    codes = torch.empty((b, h, d, s_pad), dtype=torch.uint8, device=v.device)
+    _v_kernel[(s_pad // _QUANT_ROWS, b * h)](
+        v, inv, codes, h, s, s_pad, *v.stride(), torch.finfo(v.dtype).max,
+        HEAD_DIM=d, BLOCK_S=_QUANT_ROWS, HW_CVT=not interpreting(), num_warps=4, **NO_FMA,
+    )
+    return codes, scale
+
+
+def _bucket(n: int) -> int:
+    return min(1 << max(0, (n - 1).bit_length()), 65536)
+
+
+def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """``formats.attention.quantized_attention_reference`` on the GPU (or the interpreter).
+
+    The output is [B, H, Sq, D] laid out as [B, Sq, H, D], like the flash SDPA backends', so
+    the usual ``transpose(1, 2).flatten(2)`` after attention is free."""
+    b, h, sq, d = q.shape
+    skv = k.shape[-2]
+    softmax_factor = (1.0 / math.sqrt(d) if scale is None else float(scale)) * LOG2E
+    q_codes, q_scale = quantize_qk(q, None)
+    k_codes, k_scale = quantize_qk(k, key_mean(k))
+    vt_codes, v_scale = quantize_v(v)
+    out = torch.empty((b, sq, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+    upcast = interpreting()
+    args = (q_codes, q_scale, k_codes, k_scale, vt_codes.view(torch.float8_e4m3fn), v_scale, out, softmax_factor,
+            h, sq, skv, q_codes.shape[2], k_codes.shape[2], out.stride(0), out.stride(1), out.stride(2),
+            _bucket(sq), _bucket(skv))
+
+    def grid(meta):
+        return (triton.cdiv(sq, meta["BLOCK_M"]), b * h)
+
+    if single_config():
+        cfg = _attention_kernel.configs[0]
+        _attention_kernel.fn[grid](*args, HEAD_DIM=d, UPCAST=upcast, **cfg.all_kwargs())
+    else:
+        _attention_kernel[grid](*args, HEAD_DIM=d, UPCAST=upcast)
+    return out
+
+
+__all__ = ["P_SCALE", "quantize_qk", "quantize_v", "quantized_attention", "unsupported_reason", "value_scales"]
