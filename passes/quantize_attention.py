@@ -9,8 +9,10 @@ Expects: ``find_blocks`` has run (nodes carry ``meta["sixbit_block"]``); attenti
 diffusers' attention processors), with example values on its inputs.
 
 Chooses: a call is quantized when it sits inside a transformer block, has no mask, no
-dropout, is not causal and not grouped-query, and its example q, k, v are [B, H, S, D] of
-one float dtype with a head dim the kernels take (16-256, a power of two). Every call, kept
+dropout, is not causal and not grouped-query, its example q, k, v are [B, H, S, D] of one
+float dtype with a head dim the kernels take (16-256, a power of two), and it is not a
+cross-attention to a short key sequence (fewer than ``SHORT_KEYS`` keys and fewer keys than
+queries, e.g. Wan's 512 text tokens), where quantizing costs more than it saves. Every call, kept
 or not, gets a row in ``ctx.attentions`` with the reason (the dump's attention table).
 
 Guarantees, for each quantized call:
@@ -41,6 +43,10 @@ _SDPA_SIGNATURE = inspect.Signature([
                           ("is_causal", False), ("scale", None), ("enable_gqa", False))
 ])
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+#: Below this many keys (and fewer keys than queries: cross-attention to text) attention stays
+#: exact. On the H100, Wan's cross-attention (32,760 queries, 512 keys) took 0.65 ms in SDPA and
+#: 1.05 ms quantized, 0.37 ms of it quantizing Q (docs/benchmarks.md, "Attention").
+SHORT_KEYS = 2048
 
 
 def _shape(t) -> str:
@@ -73,6 +79,9 @@ def _why_not(call: inspect.BoundArguments, block: str | None) -> str | None:
         return f"dtypes {q.dtype}, {k.dtype}, {v.dtype}"
     if not head_dim_supported(int(q.shape[-1])):
         return f"head dim {int(q.shape[-1])}"
+    keys, queries = int(k.shape[-2]), int(q.shape[-2])
+    if keys < SHORT_KEYS and keys < queries:
+        return f"cross-attention over {keys} keys (quantizing Q, K, V costs more than the kernel saves)"
     return None
 
 

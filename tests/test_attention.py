@@ -147,6 +147,8 @@ def test_value_quantization_kernel_equals_spec(dtype):
 
 @pytest.mark.parametrize("b, h, sq, skv, d", [(1, 2, 50, 70, 32), (2, 1, 64, 64, 16), (1, 1, 33, 100, 64), (1, 2, 7, 1, 16)])
 def test_attention_kernel_matches_spec(b, h, sq, skv, d):
+    if torch.cuda.is_available() and d < 32:
+        pytest.skip("the GPU's INT8 MMA takes K >= 32: head dim 16 falls back (test_unsupported_inputs_named)")
     q, k, v = (t.to(_device()) for t in qkv(b, h, sq, skv, d, seed=sq))
     out = kernels.quantized_attention(q, k, v)
     want = spec.quantized_attention_reference(q.cpu(), k.cpu(), v.cpu(), block_n=32 if not q.is_cuda else 128)
@@ -155,6 +157,19 @@ def test_attention_kernel_matches_spec(b, h, sq, skv, d):
     assert rel_err(out.cpu(), want) < tol
     assert rel_err(out.cpu(), F.scaled_dot_product_attention(q, k, v).cpu()) < 0.06
     assert out.stride(1) == d and out.stride(2) == h * d  # laid out [B, Sq, H, D]
+
+
+def test_every_kernel_config_matches_spec():
+    """Each autotuning config (TMA-fed and pointer-fed tiles) on the same inputs."""
+    q, k, v = (t.to(_device()) for t in qkv(1, 2, 70, 150, 32, seed=3))
+    want = spec.quantized_attention_reference(q.cpu(), k.cpu(), v.cpu(), block_n=32)
+    configs = kernels._attention_kernel.configs
+    assert {c.kwargs["TMA"] for c in configs} == {True, False}
+    for cfg in configs:
+        out = kernels.quantized_attention(q, k, v, config=cfg)
+        block_want = spec.quantized_attention_reference(q.cpu(), k.cpu(), v.cpu(), block_n=cfg.kwargs["BLOCK_N"])
+        assert rel_err(out.cpu(), block_want) < (1e-5 if not q.is_cuda else 5e-3), cfg
+        assert rel_err(out.cpu(), want) < 0.01
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -178,6 +193,9 @@ def test_attention_kernel_nan_rows_match_spec():
 
 
 def test_unsupported_inputs_named():
+    q, k, v = qkv(d=16)
+    if torch.cuda.is_available():
+        assert "K >= 32" in kernels.unsupported_reason(q.cuda(), k.cuda(), v.cuda())
     q, k, v = qkv(d=24)
     assert "head dim 24" in kernels.unsupported_reason(q, k, v)
     q, k, v = qkv(d=32)
@@ -219,17 +237,31 @@ def run_pass(model, inputs, **options):
     return gm, ctx, before, op_counts(gm.graph)
 
 
-@pytest.mark.parametrize("make, inputs, calls", [
-    (lambda: tiny_wan(num_layers=2), wan_inputs, 4),  # self- and cross-attention per block
-    (lambda: tiny_cogvideox(num_layers=2), cogvideox_inputs, 2),  # one joint attention per block
+@pytest.mark.parametrize("make, inputs, statuses", [
+    # per block: self-attention quantized, cross-attention to 7 text tokens kept
+    (lambda: tiny_wan(num_layers=2), wan_inputs, ["quantized", "kept"] * 2),
+    (lambda: tiny_cogvideox(num_layers=2), cogvideox_inputs, ["quantized"] * 2),  # joint text + video attention
 ])
-def test_pass_replaces_block_attention(make, inputs, calls):
+def test_pass_replaces_block_attention(make, inputs, statuses):
     gm, ctx, before, after = run_pass(make(), inputs(), attention="int8")
-    assert before[SDPA] == calls and after.get(SDPA, 0) == 0 and after[QATTN] == calls
+    quantized = statuses.count("quantized")
+    assert before[SDPA] == len(statuses) and after.get(SDPA, 0) == len(statuses) - quantized
+    assert after[QATTN] == quantized
     assert {k: v for k, v in after.items() if k not in (SDPA, QATTN)} == {
         k: v for k, v in before.items() if k not in (SDPA, QATTN)}
-    assert [a.status for a in ctx.attentions] == ["quantized"] * calls
+    assert [a.status for a in ctx.attentions] == statuses
     assert all(a.block is not None for a in ctx.attentions)
+    kept = [a.reason for a in ctx.attentions if a.status == "kept"]
+    assert all(r.startswith("cross-attention over 7 keys") for r in kept)
+
+
+def test_pass_is_off_by_default():
+    gm, ctx, before, after = run_pass(tiny_wan(num_layers=1), wan_inputs())
+    # run directly, the pass does its work; the pass manager skips it unless attention="int8"
+    from sixbit_compiler.options import SixbitOptions
+
+    assert not SixbitOptions.from_dict({}).quantizes_attention
+    assert quantize_attention.enabled_by == "quantizes_attention"
 
 
 def test_pass_keeps_masked_attention_with_reason():

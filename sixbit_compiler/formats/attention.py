@@ -14,8 +14,9 @@ SDPA's: q [B, H, Sq, D], k and v [B, H, Skv, D], no mask, no dropout, not causal
   [B, H, D, Skv]: the layout Hopper's FP8 MMA takes for its second operand.
 * **Softmax in base 2, online, over blocks of** ``block_n`` **keys**, as the kernel runs it:
   logits = (int32 scores · k_scale) · (q_scale · softmax_scale · log2 e) in fp32; a running
-  row max m; p = 2^(logits − m) in fp32; the row sum l adds the fp32 p; P·V multiplies
-  e4m3(448 · p) by the V codes with fp32 accumulation. Output = acc / l · (v_scale / 448).
+  row max m; p = 2^(logits − m + log2 448) in fp32 (P scaled by 448 to use e4m3's range, the
+  factor folded into the exponent); the row sum l adds the fp32 p; P·V multiplies e4m3(p) by
+  the V codes with fp32 accumulation. Output = acc / l · v_scale.
   (The kernel's exp2 is the GPU's approximate one and its sums run in another order, so it
   matches this spec within a tolerance, not bit for bit.)
 
@@ -77,6 +78,7 @@ def quantized_attention_reference(q, k, v, scale: float | None = None, block_n: 
     # exact: |Σ codes·codes| <= 127² · D < 2²⁴ for D <= 256, so fp32 products sum exactly
     qf, kf, vtf = q_codes.float(), k_codes.float(), vt_codes.float()
     row_factor = q_scale * torch.tensor(scale * LOG2E, dtype=torch.float32, device=q.device)  # [B, H, Sq, 1]
+    log2_p_scale = torch.tensor(math.log2(P_SCALE), dtype=torch.float32, device=q.device)
     shape = q.shape[:-1] + (1,)
     m = torch.full(shape, float("-inf"), device=q.device)
     l = torch.zeros(shape, device=q.device)
@@ -85,11 +87,11 @@ def quantized_attention_reference(q, k, v, scale: float | None = None, block_n: 
         scores = qf @ kf[..., n0:n0 + block_n, :].transpose(-1, -2)
         logits = (scores * k_scale[..., n0:n0 + block_n, :].transpose(-1, -2)) * row_factor
         m_new = torch.maximum(m, logits.amax(dim=-1, keepdim=True))
-        p = torch.exp2(logits - m_new)
+        p = torch.exp2(logits - (m_new - log2_p_scale))  # in [0, 448]
         alpha = torch.exp2(m - m_new)
         l = l * alpha + p.sum(dim=-1, keepdim=True)
-        p8 = (p * P_SCALE).to(torch.float8_e4m3fn).float()
+        p8 = p.clamp(max=P_SCALE).to(torch.float8_e4m3fn).float()
         acc = acc * alpha + p8 @ vtf[..., n0:n0 + block_n].transpose(-1, -2)
         m = m_new
-    out = acc / l * (v_scale.transpose(-1, -2) * (1.0 / P_SCALE))
+    out = acc / l * v_scale.transpose(-1, -2)
     return out.to(q.dtype)

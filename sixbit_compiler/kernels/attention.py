@@ -28,10 +28,11 @@ from ..formats.attention import HEAD_DIMS, LOG2E, P_SCALE, key_mean
 from ..formats.fp8 import FP8_E4M3_MAX
 from . import interpreting
 from ._common import NO_FMA, encode_rows, encode_rows_hw, int8_rows, round_to_e4m3
-from .gemm import single_config
+from .gemm import launch_with_scratch, single_config, tma_available
 
 #: tokens are padded to a multiple of this (the largest BLOCK_M / BLOCK_N of the configs)
 TOKEN_PAD = 128
+LOG2_P_SCALE = tl.constexpr(math.log2(P_SCALE))
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _QUANT_ROWS = 64  # tokens per program of the quantization kernels
 
@@ -82,44 +83,73 @@ def _v_kernel(
 
 
 @triton.jit
-def _attend(acc, m_i, l_i, q, row_factor, k_base, ks_base, vt_base, n0, SKV, S_PAD_KV,
-            HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr):
-    """One block of BLOCK_N keys of the online softmax (``formats.attention``'s loop body)."""
+def _attend(acc, m_i, l_i, q, row_factor, k_desc, k_base, ks_base, vt_desc, vt_base, kv_row, vt_row, n0, SKV, S_PAD_KV,
+            HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr,
+            TMA: tl.constexpr):
+    """One block of BLOCK_N keys of the online softmax (``formats.attention``'s loop body).
+
+    Per score: int32 -> fp32, times the key's scale, a max, one FMA and one exp2: the query's
+    scale, softmax scale, log2(e) and P's factor 448 all sit in the FMA's row terms."""
     cols = n0 + tl.arange(0, BLOCK_N)
     d = tl.arange(0, HEAD_DIM)
-    k = tl.load(k_base + cols[:, None] * HEAD_DIM + d[None, :])
-    scores = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
-    logits = (scores * tl.load(ks_base + cols)[None, :]) * row_factor[:, None]
-    if MASKED:  # keys past the end: zero codes (padding), logit -inf
-        logits = tl.where((cols < SKV)[None, :], logits, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(logits, axis=1))
-    p = tl.math.exp2(logits - m_new[:, None])
+    if TMA:
+        k = k_desc.load([kv_row + n0, 0])
+    else:
+        k = tl.load(k_base + cols[:, None] * HEAD_DIM + d[None, :])
+    t = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32) * tl.load(ks_base + cols)[None, :]
+    if MASKED:  # keys past the end (zero codes, padding) take no part in the max and get p = 0
+        valid = (cols < SKV)[None, :]
+        t_max = tl.max(tl.where(valid, t, float("-inf")), axis=1)
+    else:
+        t_max = tl.max(t, axis=1)
+    # row_factor >= 0, so the row max of the logits t · row_factor is row_factor · max(t)
+    m_new = tl.maximum(m_i, t_max * row_factor)
+    p = tl.math.exp2(t * row_factor[:, None] - (m_new - LOG2_P_SCALE)[:, None])  # 448 · 2^(logit - max)
+    if MASKED:
+        p = tl.where(valid, p, 0.0)
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None]
-    vt = tl.load(vt_base + d[:, None] * S_PAD_KV + cols[None, :])  # [D, BLOCK_N] e4m3, keys contiguous
-    if UPCAST:  # the interpreter: fp8 rounding by hand, the dot in fp32 (exact values, same sums)
-        p8 = round_to_e4m3(p * 448.0)
-        acc += tl.dot(p8, tl.trans(vt.to(tl.float32)))
+    if TMA:
+        vt = vt_desc.load([vt_row, n0])
     else:
-        acc += tl.dot((p * 448.0).to(tl.float8e4nv), tl.trans(vt))
+        vt = tl.load(vt_base + d[:, None] * S_PAD_KV + cols[None, :])  # [D, BLOCK_N] e4m3, keys contiguous
+    if UPCAST:  # the interpreter: fp8 rounding by hand, the dot in fp32 (exact values, same sums)
+        acc += tl.dot(round_to_e4m3(p), tl.trans(vt.to(tl.float32)))
+    else:
+        acc += tl.dot(p.to(tl.float8e4nv), tl.trans(vt))
     return acc, m_new, l_i
 
 
+def _config(bm, bn, warps, stages, tma):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "TMA": tma}, num_warps=warps, num_stages=stages)
+
+
 def _configs():
+    """The autotuning space. On the H100 (benchmarks/attention.py) 64 query rows and 4 warps
+    were fastest at head dim 128, 128 x 64 at head dim 64."""
     if interpreting():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in ((128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (128, 64, 8, 4), (64, 128, 4, 3))]
+        return [_config(32, 32, 4, 1, True), _config(32, 32, 4, 1, False)]
+    return [_config(64, 128, 4, 3, True), _config(64, 128, 4, 3, False), _config(128, 128, 8, 3, True),
+            _config(128, 64, 4, 3, True), _config(128, 64, 4, 3, False), _config(64, 128, 4, 4, True)]
 
 
-@triton.autotune(configs=_configs(), key=["HEAD_DIM", "SQ_BUCKET", "SKV_BUCKET"])
+def _prune(configs, named_args, **kwargs):
+    return [c for c in configs if kwargs["TMA_OK"] or not c.kwargs["TMA"]]
+
+
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "SQ_BUCKET", "SKV_BUCKET", "TMA_OK"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _attention_kernel(
     q_ptr, qs_ptr, k_ptr, ks_ptr, vt_ptr, vs_ptr, o_ptr, softmax_factor,
     H, SQ, SKV, S_PAD_Q, S_PAD_KV, stride_ob, stride_oh, stride_os, SQ_BUCKET, SKV_BUCKET,
-    HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, TMA_OK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
 ):
+    """One program: BLOCK_M queries of one (batch, head) against all its keys. ``TMA``: key and
+    value tiles arrive through descriptors (the codes' rows are 16-byte multiples by padding)."""
+    tl.static_assert(TMA_OK or not TMA, "TMA descriptors need sm_90+")
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -128,21 +158,30 @@ def _attention_kernel(
     q_row = bh.to(tl.int64) * S_PAD_Q + rows
     q = tl.load(q_ptr + q_row[:, None] * HEAD_DIM + d[None, :])
     row_factor = tl.load(qs_ptr + q_row) * softmax_factor  # q_scale · softmax scale · log2(e)
-    k_base = k_ptr + bh.to(tl.int64) * S_PAD_KV * HEAD_DIM
-    ks_base = ks_ptr + bh.to(tl.int64) * S_PAD_KV
-    vt_base = vt_ptr + bh.to(tl.int64) * HEAD_DIM * S_PAD_KV
+    kv_row = bh * S_PAD_KV
+    vt_row = bh * HEAD_DIM
+    k_base = k_ptr + kv_row.to(tl.int64) * HEAD_DIM
+    ks_base = ks_ptr + kv_row.to(tl.int64)
+    vt_base = vt_ptr + vt_row.to(tl.int64) * S_PAD_KV
+    k_desc = None
+    vt_desc = None
+    if TMA:
+        total = tl.num_programs(1)
+        k_desc = tl.make_tensor_descriptor(k_ptr, shape=[total * S_PAD_KV, HEAD_DIM], strides=[HEAD_DIM, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        vt_desc = tl.make_tensor_descriptor(vt_ptr, shape=[total * HEAD_DIM, S_PAD_KV], strides=[S_PAD_KV, 1],
+                                            block_shape=[HEAD_DIM, BLOCK_N])
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     n_full = (SKV // BLOCK_N) * BLOCK_N
     for n0 in range(0, n_full, BLOCK_N):
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, row_factor, k_base, ks_base, vt_base, n0, SKV, S_PAD_KV,
-                                HEAD_DIM, BLOCK_N, False, UPCAST)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, row_factor, k_desc, k_base, ks_base, vt_desc, vt_base, kv_row,
+                                vt_row, n0, SKV, S_PAD_KV, HEAD_DIM, BLOCK_N, False, UPCAST, TMA)
     if n_full < SKV:
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, row_factor, k_base, ks_base, vt_base, n_full, SKV, S_PAD_KV,
-                                HEAD_DIM, BLOCK_N, True, UPCAST)
-    v_factor = tl.load(vs_ptr + bh * HEAD_DIM + d) * (1.0 / 448.0)
-    out = acc / l_i[:, None] * v_factor[None, :]
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, row_factor, k_desc, k_base, ks_base, vt_desc, vt_base, kv_row,
+                                vt_row, n_full, SKV, S_PAD_KV, HEAD_DIM, BLOCK_N, True, UPCAST, TMA)
+    out = acc / l_i[:, None] * tl.load(vs_ptr + bh * HEAD_DIM + d)[None, :]
     o = o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + rows[:, None] * stride_os + d[None, :]
     tl.store(o, out.to(o_ptr.dtype.element_ty), mask=(rows < SQ)[:, None])
 
@@ -161,6 +200,8 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str
         return "empty input"
     if q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 9):
         return "a GPU without FP8 tensor cores (sm_89+)"
+    if q.is_cuda and q.shape[-1] < 32:
+        return f"head dim {q.shape[-1]} on the GPU (its INT8 MMA takes K >= 32)"
     return None
 
 
@@ -216,8 +257,10 @@ def _bucket(n: int) -> int:
     return min(1 << max(0, (n - 1).bit_length()), 65536)
 
 
-def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                        config: triton.Config | None = None) -> torch.Tensor:
     """``formats.attention.quantized_attention_reference`` on the GPU (or the interpreter).
+    ``config``: one of ``_attention_kernel.configs`` instead of the autotuner's (tests, sweeps).
 
     The output is [B, H, Sq, D] laid out as [B, Sq, H, D], like the flash SDPA backends', so
     the usual ``transpose(1, 2).flatten(2)`` after attention is free."""
@@ -229,6 +272,7 @@ def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     vt_codes, v_scale = quantize_v(v)
     out = torch.empty((b, sq, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
     upcast = interpreting()
+    tma_ok = tma_available(q.device)
     args = (q_codes, q_scale, k_codes, k_scale, vt_codes.view(torch.float8_e4m3fn), v_scale, out, softmax_factor,
             h, sq, skv, q_codes.shape[2], k_codes.shape[2], out.stride(0), out.stride(1), out.stride(2),
             _bucket(sq), _bucket(skv))
@@ -236,11 +280,13 @@ def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     def grid(meta):
         return (triton.cdiv(sq, meta["BLOCK_M"]), b * h)
 
-    if single_config():
-        cfg = _attention_kernel.configs[0]
-        _attention_kernel.fn[grid](*args, HEAD_DIM=d, UPCAST=upcast, **cfg.all_kwargs())
-    else:
-        _attention_kernel[grid](*args, HEAD_DIM=d, UPCAST=upcast)
+    def launch():
+        if not single_config():
+            return _attention_kernel[grid](*args, HEAD_DIM=d, UPCAST=upcast, TMA_OK=tma_ok)
+        cfg = config or _prune(_attention_kernel.configs, {}, TMA_OK=tma_ok)[0]
+        return _attention_kernel.fn[grid](*args, HEAD_DIM=d, UPCAST=upcast, TMA_OK=tma_ok, **cfg.all_kwargs())
+
+    launch_with_scratch(launch)
     return out
 
 
