@@ -113,14 +113,16 @@ def main():
         def grid(meta):
             return (triton.cdiv(sq, meta["BLOCK_M"]), b * h)
 
-        r["sixbit_kernel"] = bench(lambda: qa._attention_kernel[grid](*kargs, HEAD_DIM=d, UPCAST=False))
+        r["sixbit_kernel"] = bench(lambda: qa.launch_with_scratch(
+            lambda: qa._attention_kernel[grid](*kargs, HEAD_DIM=d, UPCAST=False, TMA_OK=True)))
         r["best_config"] = str(qa._attention_kernel.best_config)
         if args.sweep:
             r["sweep"] = {}
             for cfg in qa._attention_kernel.configs:
                 try:
-                    r["sweep"][str(cfg)] = bench(
-                        lambda: qa._attention_kernel.fn[grid](*kargs, HEAD_DIM=d, UPCAST=False, **cfg.all_kwargs()))
+                    r["sweep"][str(cfg)] = bench(lambda: qa.launch_with_scratch(
+                        lambda: qa._attention_kernel.fn[grid](*kargs, HEAD_DIM=d, UPCAST=False, TMA_OK=True,
+                                                              **cfg.all_kwargs())))
                 except Exception as exc:  # noqa: BLE001 - a config that does not fit is a result too
                     r["sweep"][str(cfg)] = f"failed: {type(exc).__name__}"
         r["tflops"] = {key: flops / val / 1e12 for key, val in r.items()

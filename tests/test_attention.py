@@ -1,7 +1,7 @@
 """Quantized attention: the spec against exact SDPA, the kernels against the spec, the op,
 and the ``quantize_attention`` pass (what it adds and removes, what it keeps and why)."""
 
-import math
+import os
 
 import pytest
 import torch
@@ -169,7 +169,8 @@ def test_every_kernel_config_matches_spec():
         out = kernels.quantized_attention(q, k, v, config=cfg)
         block_want = spec.quantized_attention_reference(q.cpu(), k.cpu(), v.cpu(), block_n=cfg.kwargs["BLOCK_N"])
         assert rel_err(out.cpu(), block_want) < (1e-5 if not q.is_cuda else 5e-3), cfg
-        assert rel_err(out.cpu(), want) < 0.01
+        if cfg.kwargs["BLOCK_N"] == 32:  # another block size rounds P against other running maxima
+            assert rel_err(out.cpu(), want) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -181,12 +182,14 @@ def test_attention_kernel_low_precision_and_scale(dtype):
 
 
 def test_attention_kernel_nan_rows_match_spec():
-    q, k, v = qkv(1, 2, 40, 50, 16)
+    q, k, v = qkv(1, 2, 40, 50, 32)
     q[0, 1, 3, 2] = float("nan")
     v[0, 0, 9, 4] = float("nan")
     out = kernels.quantized_attention(*(t.to(_device()) for t in (q, k, v))).cpu()
     want = spec.quantized_attention_reference(q, k, v, block_n=32)
-    assert torch.equal(torch.isnan(out), torch.isnan(want)) and torch.isnan(want).any()
+    assert torch.isnan(want).any()
+    differ = (torch.isnan(out) != torch.isnan(want)).nonzero().tolist()
+    assert not differ, f"NaN differs at {differ[:8]} (kernel NaN: {torch.isnan(out).sum()}, spec NaN: {torch.isnan(want).sum()})"
     k[0, 0, 5, 5] = float("nan")
     out = kernels.quantized_attention(*(t.to(_device()) for t in (q, k, v))).cpu()
     assert torch.isnan(out[0, 0]).all()
@@ -212,7 +215,10 @@ def test_op_runs_spec_on_cpu_and_kernels_agree(monkeypatch):
     q, k, v = qkv(sq=30, skv=40, d=16)
     out = ops.quantized_attention(q, k, v, None)
     assert out.shape == (1, 2, 30, 16) and out.stride(1) == 16
-    torch.testing.assert_close(out, spec.quantized_attention_reference(q, k, v, block_n=32), rtol=1e-5, atol=1e-6)
+    # CPU tensors run the kernels only under the interpreter (32-key blocks), else the spec
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    want = spec.quantized_attention_reference(q, k, v, block_n=32 if interpreted else spec.BLOCK_N)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
     monkeypatch.setenv("SIXBIT_KERNELS", "0")  # the reference path on CPU: the spec, 128-key blocks
     torch.testing.assert_close(ops.quantized_attention(q, k, v, None), spec.quantized_attention_reference(q, k, v))
 
