@@ -67,3 +67,13 @@ def test_the_inspect_example_runs(tmp_path):
     out = module.main(["--out", str(tmp_path / "dump")])
     assert out["quantized"] == 20 and len(out["kernels"]) == 11
     assert (out["dump"] / "04_lower_regions.py").exists()
+
+
+def test_every_option_is_documented():
+    import dataclasses
+
+    from sixbit_compiler.options import SixbitOptions
+
+    table = read("docs", "options.md")
+    missing = [f.name for f in dataclasses.fields(SixbitOptions) if f"`{f.name}`" not in table]
+    assert not missing, f"options missing from docs/options.md: {missing}"
