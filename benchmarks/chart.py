@@ -2,7 +2,8 @@
 
 Reads the end-to-end results in benchmarks/results/ and draws one panel per workload:
 
-* W-1.3B and W-14B (H100) and C-2B (H200), 50 steps: speed-up of the sampling loop over bf16
+* W-1.3B and W-14B (H100) and C-2B (H200), 50 steps (W-1.3B also a 10-step run with INT8
+  attention, the presets and torchao, labelled "(10)"): speed-up of the sampling loop over bf16
   eager in the same command (W-14B: the same card model, two commands; Inductor from a 10-step
   command with its own baseline) (x: PSNR of the output against bf16, random weights);
 * REF (H100, 20 steps, the trained reference model, where fidelity means something): the
@@ -33,7 +34,7 @@ def _load(name):
         return json.load(f)
 
 
-def _speed_points(runs):
+def _speed_points(runs, suffix=""):
     """(label, psnr, speed-up) per mode; each run's modes against its own bf16 baseline."""
     points = []
     for run in runs:
@@ -47,7 +48,7 @@ def _speed_points(runs):
                 label, psnr = f"{mode} (NaN output)", 0.0
             else:
                 label = mode
-            points.append((label, min(float(psnr), PSNR_MAX), base / m["loop_s"]))
+            points.append((label + suffix, min(float(psnr), PSNR_MAX), base / m["loop_s"]))
     return points
 
 
@@ -55,6 +56,7 @@ def panels():
     c2b = _load("e2e_c2b_h200_50steps.json")
     w14 = [_load("e2e_w14b_h100_50steps.json"), _load("e2e_w14b_h100_inductor_10steps.json")]
     w13 = [_load("method_w13b_h100_50steps.json"), _load("peers_w13b_h100_50steps.json")]
+    w13_10 = _load("e2e_w13b_h100_10steps_attention.json")  # INT8 attention, presets, torchao; 10 steps
     ref = _load("ref_presets_h100.json")
     fbc = _load("ref_fbc_h100.json")
     ref_points = []
@@ -64,7 +66,8 @@ def panels():
             if isinstance(m, dict) and "fidelity" in m and mode.startswith("fbc") == fbc_modes:
                 ref_points.append((mode, min(m["fidelity"]["psnr_db"], PSNR_MAX), m.get("skip_rate", 0.0)))
     return [
-        ("W-1.3B, H100, 50 steps (random weights)", "speed-up vs bf16 eager", _speed_points(w13)),
+        ("W-1.3B, H100, 50 steps; '(10)': 10 steps (random weights)", "speed-up vs bf16 eager",
+         _speed_points(w13) + _speed_points([w13_10, w13_10["torchao_fp8_command"]], " (10)")),
         ("W-14B, H100, 50 steps (random weights)", "speed-up vs bf16 eager", _speed_points(w14)),
         ("C-2B, H200, 50 steps (random weights)", "speed-up vs bf16 eager", _speed_points([c2b["run1"], c2b["run2"]])),
         ("REF, H100, 20 steps (trained model)", "skip rate", ref_points),

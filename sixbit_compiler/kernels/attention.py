@@ -38,19 +38,23 @@ _QUANT_ROWS = 64  # tokens per program of the quantization kernels
 
 
 @triton.jit
+def _token_tile(stride_b, stride_h, H, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """This program's (batch · head) index, the offset of its head in the input, and its token
+    and channel indices (the quantization kernels' grid: token tiles × heads)."""
+    bh = tl.program_id(1)
+    head = (bh // H).to(tl.int64) * stride_b + (bh % H) * stride_h
+    return bh, head, tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S), tl.arange(0, HEAD_DIM)
+
+
+@triton.jit
 def _qk_rows_kernel(
     x_ptr, mean_ptr, codes_ptr, scale_ptr, H, S, S_PAD, stride_b, stride_h, stride_s, stride_d, limit,
     HAS_MEAN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Per-token INT8 of x[b, h] (minus mean[b, h] if HAS_MEAN) into codes [B·H, S_PAD, D]."""
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
-    d = tl.arange(0, HEAD_DIM)
+    bh, head, s, d = _token_tile(stride_b, stride_h, H, BLOCK_S, HEAD_DIM)
     ok = s < S
-    x = tl.load(x_ptr + b.to(tl.int64) * stride_b + h * stride_h + s[:, None] * stride_s + d[None, :] * stride_d,
-                mask=ok[:, None], other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + head + s[:, None] * stride_s + d[None, :] * stride_d, mask=ok[:, None], other=0.0).to(tl.float32)
     if HAS_MEAN:
         x = tl.where(ok[:, None], x - tl.load(mean_ptr + bh * HEAD_DIM + d)[None, :], 0.0)
     x = tl.where(x > limit, limit, tl.where(x < -limit, -limit, x))  # ±Inf saturates; NaN passes
@@ -66,12 +70,8 @@ def _v_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, HW_CVT: tl.constexpr,
 ):
     """e4m3 codes of v[b, h] · inv[b, h, d], stored transposed into codes [B·H, D, S_PAD]."""
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
-    d = tl.arange(0, HEAD_DIM)
-    x = tl.load(v_ptr + b.to(tl.int64) * stride_b + h * stride_h + s[None, :] * stride_s + d[:, None] * stride_d,
+    bh, head, s, d = _token_tile(stride_b, stride_h, H, BLOCK_S, HEAD_DIM)
+    x = tl.load(v_ptr + head + s[None, :] * stride_s + d[:, None] * stride_d,
                 mask=(s < S)[None, :], other=0.0).to(tl.float32)  # [D, BLOCK_S]: rows are channels
     inv = tl.load(inv_ptr + bh * HEAD_DIM + d)
     if HW_CVT:
