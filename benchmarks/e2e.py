@@ -15,8 +15,8 @@ after the first step: the mechanism, not the policy), and the presets sixbit_qua
 _balanced / _fast. A sixbit mode ending in "@host" / "@device" sets where its block cache
 lives (option cache_location; default: host on a GPU). A sixbit mode may also carry option
 overrides, "+key=value" each, before any "@": e.g.
-"sixbit_int8_skip37+int8_weights=*.attn1.to_[qk]@host" (values are JSON where they parse,
-strings otherwise).
+"sixbit_int8_skip37+int8_weights=*.attn1.to_[qk]@host" or "sixbit_int8+attention=int8" (values
+are JSON where they parse, strings otherwise).
 
 Per mode: loop time, median time per model call, first call (compile) time, weight bytes,
 cache bytes, peak allocated during the loop, fidelity of the final latents to bf16 eager

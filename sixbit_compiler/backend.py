@@ -152,9 +152,11 @@ def _compile_for_model(gm: fx.GraphModule, example_inputs, options, kwargs):
     seconds = time.perf_counter() - t0
 
     n_quant = sum(1 for li in ctx.linears if li.status == "quantized")
+    n_attn = sum(1 for a in ctx.attentions if a.status == "quantized")
+    attention = f", {n_attn}/{len(ctx.attentions)} attention calls INT8/FP8" if opts.quantizes_attention else ""
     log.info(
-        "sixbit: compiled %s: %d blocks, %d/%d linears quantized (%s activations), %.1f MB released, %.2fs",
-        compile_id, len(ctx.blocks), n_quant, len(ctx.linears), opts.activation, released / 2**20, seconds,
+        "sixbit: compiled %s: %d blocks, %d/%d linears quantized (%s activations)%s, %.1f MB released, %.2fs",
+        compile_id, len(ctx.blocks), n_quant, len(ctx.linears), opts.activation, attention, released / 2**20, seconds,
     )
     if dump:
         dump.write_index(
@@ -164,6 +166,8 @@ def _compile_for_model(gm: fx.GraphModule, example_inputs, options, kwargs):
                 "model": name,
                 "blocks": len(ctx.blocks),
                 "linears quantized": f"{n_quant} of {len(ctx.linears)}",
+                "attention calls quantized": (f"{n_attn} of {len(ctx.attentions)}" if opts.quantizes_attention
+                                              else "none (attention='exact')"),
                 "bf16 bytes released": released,
                 "lowering": lowering,
                 "compile seconds": f"{seconds:.2f}",

@@ -286,16 +286,23 @@ def test_pass_keeps_unsupported_head_dim():
     assert [a.reason for a in ctx.attentions] == ["head dim 24", "head dim 24"]
 
 
-def test_backend_attention_option_end_to_end():
+def test_backend_attention_option_end_to_end(tmp_path, caplog):
     """The compiled tiny Wan with quantized attention: close to the exact-attention compile,
-    and not equal to it (the pass did something)."""
+    and not equal to it (the pass did something); the log line and the dump say what ran."""
     inputs = wan_inputs(frames=5, height=16, width=16)
     outs = {}
     for attention in ("exact", "int8"):
         model = tiny_wan(num_layers=2)
         compiled = torch.compile(model, backend="sixbit", options={
-            "activation": "bf16", "attention": attention, "lowering": "eager"})
-        with torch.no_grad():
+            "activation": "bf16", "attention": attention, "lowering": "eager", "dump_dir": str(tmp_path / attention)})
+        with torch.no_grad(), caplog.at_level("INFO", logger="sixbit"):
             outs[attention] = compiled(**inputs)[0]
     err = rel_err(outs["int8"], outs["exact"])
     assert 0 < err < 0.05
+    assert "2/4 attention calls INT8/FP8" in caplog.text
+    (index,) = (tmp_path / "int8").glob("*/index.md")
+    text = index.read_text()
+    assert "**attention calls quantized**: 2 of 4" in text and "## Attention calls (4)" in text
+    assert "`blocks.0.attn1` | blocks.0 | q [1, 2, 320, 16], kv [1, 2, 320, 16] | sixbit.quantized_attention" in text
+    (exact_index,) = (tmp_path / "exact").glob("*/index.md")
+    assert "none (attention='exact')" in exact_index.read_text()
