@@ -50,7 +50,23 @@ SHORT_KEYS = 2048
 
 
 def _shape(t) -> str:
-    return "[" + ", ".join(str(int(s)) for s in t.shape) + "]" if isinstance(t, torch.Tensor) else "?"
+    # str(), not int(): int() on a symbolic size (dynamic=True) would specialize the graph to it
+    return "[" + ", ".join(str(s) for s in t.shape) + "]" if isinstance(t, torch.Tensor) else "?"
+
+
+def _size_hint(n) -> int | None:
+    """The example's value of a size, without the guard int() would add to a symbolic one
+    (dynamic=True): the choice below is about speed, so a hint is enough."""
+    if isinstance(n, int):
+        return n
+    hint = getattr(getattr(n, "node", None), "hint", None)
+    return int(hint) if hint is not None else None
+
+
+def _short_cross_attention(queries, keys) -> bool:
+    """Fewer than SHORT_KEYS keys, and fewer keys than queries (judged on the example's sizes)."""
+    q, k = _size_hint(queries), _size_hint(keys)
+    return q is not None and k is not None and k < SHORT_KEYS and k < q
 
 
 def _why_not(call: inspect.BoundArguments, block: str | None) -> str | None:
@@ -77,11 +93,11 @@ def _why_not(call: inspect.BoundArguments, block: str | None) -> str | None:
         return f"shapes q {_shape(q)}, k {_shape(k)}, v {_shape(v)}"
     if q.dtype not in _FLOAT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return f"dtypes {q.dtype}, {k.dtype}, {v.dtype}"
-    if not head_dim_supported(int(q.shape[-1])):
-        return f"head dim {int(q.shape[-1])}"
-    keys, queries = int(k.shape[-2]), int(q.shape[-2])
-    if keys < SHORT_KEYS and keys < queries:
-        return f"cross-attention over {keys} keys (quantizing Q, K, V costs more than the kernel saves)"
+    head_dim = q.shape[-1]
+    if not isinstance(head_dim, int) or not head_dim_supported(head_dim):
+        return f"head dim {head_dim}"
+    if _short_cross_attention(q.shape[-2], k.shape[-2]):
+        return f"cross-attention over {_size_hint(k.shape[-2])} keys (quantizing Q, K, V costs more than the kernel saves)"
     return None
 
 

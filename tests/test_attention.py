@@ -306,3 +306,19 @@ def test_backend_attention_option_end_to_end(tmp_path, caplog):
     assert "`blocks.0.attn1` | blocks.0 | q [1, 2, 320, 16], kv [1, 2, 320, 16] | sixbit.quantized_attention" in text
     (exact_index,) = (tmp_path / "exact").glob("*/index.md")
     assert "none (attention='exact')" in exact_index.read_text()
+
+
+def test_dynamic_shapes_do_not_specialize(caplog):
+    """With dynamic=True one graph serves two resolutions: the pass reads sizes as hints, never
+    int() on a symbolic size (which would guard on it and recompile per resolution), and still
+    keeps the short cross-attention exact."""
+    model = tiny_wan(num_layers=2)
+    compiled = torch.compile(model, backend="sixbit", dynamic=True,
+                             options={"activation": "bf16", "attention": "int8", "lowering": "eager"})
+    with torch.no_grad(), caplog.at_level("INFO", logger="sixbit"):
+        for frames in (3, 5):
+            inputs = wan_inputs(frames=frames)
+            out = compiled(**inputs)[0]
+            assert out.shape == inputs["hidden_states"].shape
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert "2/4 attention calls INT8/FP8" in caplog.text
