@@ -206,7 +206,6 @@ def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     the linears). Inputs the kernels do not take on the GPU run exact SDPA, with one log line.
     The output is laid out as [B, Sq, H, D] (as the flash backends lay out theirs).
     """
-    out = _attention_output(q, v)
     if (q.is_cuda or _interpreting()) and use_kernels():
         from .kernels import attention
 
@@ -214,12 +213,12 @@ def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
         if reason is None:
             return attention.quantized_attention(q, k, v, scale)
         _log_attention_fallback(reason)
-        out.copy_(torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale))
-        return out
-    from .formats.attention import quantized_attention_reference
+        result = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+    else:
+        from .formats.attention import quantized_attention_reference
 
-    out.copy_(quantized_attention_reference(q, k, v, scale))
-    return out
+        result = quantized_attention_reference(q, k, v, scale)
+    return _attention_output(q, v).copy_(result)  # the layout the fake promises
 
 
 @quantized_attention.register_fake
