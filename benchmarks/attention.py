@@ -107,21 +107,21 @@ def main():
         r["quantize_GBps"] = 3 * (q.numel() * 3) / r["sixbit_quantize"] / 1e9  # bf16 read + 1-byte write
         factor = d ** -0.5 * LOG2E
         o = torch.empty((b, sq, h, d), dtype=torch.bfloat16, device="cuda").transpose(1, 2)
-        kargs = (qc, qs, kc, ks, vc.view(torch.float8_e4m3fn), vs, o, factor, h, sq, skv, qc.shape[2], kc.shape[2],
-                 o.stride(0), o.stride(1), o.stride(2), qa._bucket(sq), qa._bucket(skv))
+        kargs = (qc, qs, kc, ks, vc.view(torch.float8_e4m3fn), vs, o, vs, factor, h, sq, skv, qc.shape[2], kc.shape[2],
+                 o.stride(0), o.stride(1), o.stride(2), 0, qa._bucket(sq), qa._bucket(skv))  # no key mask
 
         def grid(meta):
             return (triton.cdiv(sq, meta["BLOCK_M"]), b * h)
 
         r["sixbit_kernel"] = bench(lambda: qa.launch_with_scratch(
-            lambda: qa._attention_kernel[grid](*kargs, HEAD_DIM=d, UPCAST=False, TMA_OK=True)))
+            lambda: qa._attention_kernel[grid](*kargs, HEAD_DIM=d, UPCAST=False, TMA_OK=True, KEY_MASK=False)))
         r["best_config"] = str(qa._attention_kernel.best_config)
         if args.sweep:
             r["sweep"] = {}
             for cfg in qa._attention_kernel.configs:
                 try:
                     r["sweep"][str(cfg)] = bench(lambda: qa.launch_with_scratch(
-                        lambda: qa._attention_kernel.fn[grid](*kargs, HEAD_DIM=d, UPCAST=False, TMA_OK=True,
+                        lambda: qa._attention_kernel.fn[grid](*kargs, HEAD_DIM=d, UPCAST=False, TMA_OK=True, KEY_MASK=False,
                                                               **cfg.all_kwargs())))
                 except Exception as exc:  # noqa: BLE001 - a config that does not fit is a result too
                     r["sweep"][str(cfg)] = f"failed: {type(exc).__name__}"

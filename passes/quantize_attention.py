@@ -8,8 +8,9 @@ Expects: ``find_blocks`` has run (nodes carry ``meta["sixbit_block"]``); attenti
 ``torch.nn.functional.scaled_dot_product_attention`` call (what Dynamo records for
 diffusers' attention processors), with example values on its inputs.
 
-Chooses: a call is quantized when it sits inside a transformer block, has no mask, no
-dropout, is not causal and not grouped-query, its example q, k, v are [B, H, S, D] of one
+Chooses: a call is quantized when it sits inside a transformer block, has no mask or a
+boolean key-padding one ([B, 1, 1, Skv], HunyuanVideo's text padding), no dropout, is not
+causal and not grouped-query, its example q, k, v are [B, H, S, D] of one
 float dtype with a head dim the kernels take (16-256, a power of two), and it is not a
 cross-attention to a short key sequence (fewer than ``SHORT_KEYS`` keys and fewer keys than
 queries, e.g. Wan's 512 text tokens), where quantizing costs more than it saves. Every call, kept
@@ -17,7 +18,7 @@ or not, gets a row in ``ctx.attentions`` with the reason (the dump's attention t
 
 Guarantees, for each quantized call:
 * one ``scaled_dot_product_attention`` node is replaced by one
-  ``sixbit.quantized_attention(q, k, v, scale)`` node with the same meta;
+  ``sixbit.quantized_attention(q, k, v, scale, attn_mask)`` node with the same meta;
 * nothing else changes: no placeholders, no weights, no other nodes.
 Numerics: INT8 Q·Kᵀ with K smoothed, FP8 P·V, fp32 softmax (``formats.attention``).
 """
@@ -31,7 +32,7 @@ import torch.fx as fx
 
 from sixbit_compiler.context import AttentionInfo, CompileContext
 from sixbit_compiler.fx_utils import example_value, innermost_module
-from sixbit_compiler.formats.attention import head_dim_supported
+from sixbit_compiler.formats.attention import head_dim_supported, key_padding_mask
 from sixbit_compiler.ops import QUANTIZED_ATTENTION
 
 SDPA = torch.nn.functional.scaled_dot_product_attention
@@ -74,8 +75,8 @@ def _why_not(call: inspect.BoundArguments, block: str | None) -> str | None:
     a = call.arguments
     if block is None:
         return "outside transformer blocks"
-    if a["attn_mask"] is not None:
-        return "attention mask"
+    if a["attn_mask"] is not None and not isinstance(a["attn_mask"], fx.Node):
+        return "a constant attention mask"
     if a["dropout_p"] != 0.0:
         return "dropout"
     if a["is_causal"] is not False:
@@ -93,6 +94,8 @@ def _why_not(call: inspect.BoundArguments, block: str | None) -> str | None:
         return f"shapes q {_shape(q)}, k {_shape(k)}, v {_shape(v)}"
     if q.dtype not in _FLOAT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return f"dtypes {q.dtype}, {k.dtype}, {v.dtype}"
+    if a["attn_mask"] is not None and key_padding_mask(example_value(a["attn_mask"]), q.shape[0], k.shape[-2]) is None:
+        return "attention mask (only a boolean key-padding mask [B, 1, 1, Skv] is taken)"
     head_dim = q.shape[-1]
     if not isinstance(head_dim, int) or not head_dim_supported(head_dim):
         return f"head dim {head_dim}"
@@ -120,11 +123,12 @@ def quantize_attention(gm: fx.GraphModule, ctx: CompileContext) -> None:
         a = call.arguments
         scale = None if a["scale"] is None else float(a["scale"])
         with graph.inserting_before(node):
-            new = graph.call_function(QUANTIZED_ATTENTION, (a["query"], a["key"], a["value"], scale))
+            new = graph.call_function(QUANTIZED_ATTENTION, (a["query"], a["key"], a["value"], scale, a["attn_mask"]))
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
-        info.status, info.reason = "quantized", "INT8 Q·Kᵀ (K smoothed), FP8 P·V"
+        info.status = "quantized"
+        info.reason = "INT8 Q·Kᵀ (K smoothed), FP8 P·V" + (", key-padding mask" if a["attn_mask"] is not None else "")
 
 
 quantize_attention.enabled_by = "quantizes_attention"

@@ -198,31 +198,37 @@ RESIDUAL_ABS_SUMS = torch.ops.sixbit.residual_abs_sums.default
 
 
 @torch.library.custom_op("sixbit::quantized_attention", mutates_args=())
-def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
-    """SDPA without mask, dropout or causality, with INT8 Q·Kᵀ and FP8 P·V (``quantize_attention``;
-    spec ``formats.attention``). q [B, H, Sq, D], k and v [B, H, Skv, D].
+def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float],
+                        attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """SDPA without dropout or causality, with INT8 Q·Kᵀ and FP8 P·V (``quantize_attention``;
+    spec ``formats.attention``). q [B, H, Sq, D], k and v [B, H, Skv, D]; ``attn_mask``: None
+    or a boolean key-padding mask [B or 1, 1, 1, Skv] (the pass passes no other).
 
     On CUDA (or the interpreter) the Triton kernels; on CPU the spec (sixbit's emulation, as for
     the linears). Inputs the kernels do not take on the GPU run exact SDPA, with one log line.
     The output is laid out as [B, Sq, H, D] (as the flash backends lay out theirs).
     """
+    from .formats.attention import key_padding_mask, quantized_attention_reference
+
+    key_mask = key_padding_mask(attn_mask, q.shape[0], k.shape[-2])
+    if attn_mask is not None and key_mask is None:
+        raise ValueError(f"sixbit::quantized_attention: attn_mask must be a boolean [B, 1, 1, Skv] key-padding "
+                         f"mask (got {attn_mask.dtype} {tuple(attn_mask.shape)})")
     if (q.is_cuda or _interpreting()) and use_kernels():
         from .kernels import attention
 
         reason = attention.unsupported_reason(q, k, v)
         if reason is None:
-            return attention.quantized_attention(q, k, v, scale)
+            return attention.quantized_attention(q, k, v, scale, key_mask=key_mask)
         _log_attention_fallback(reason)
-        result = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+        result = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
     else:
-        from .formats.attention import quantized_attention_reference
-
-        result = quantized_attention_reference(q, k, v, scale)
+        result = quantized_attention_reference(q, k, v, scale, key_mask=key_mask)
     return _attention_output(q, v).copy_(result)  # the layout the fake promises
 
 
 @quantized_attention.register_fake
-def _quantized_attention_fake(q, k, v, scale):
+def _quantized_attention_fake(q, k, v, scale, attn_mask=None):
     return _attention_output(q, v)
 
 

@@ -1,7 +1,8 @@
 """Quantized attention: INT8 Q·Kᵀ, FP8 P·V, fp32 softmax (the SageAttention recipe).
 
 The executable spec of ``kernels.attention`` (``sixbit::quantized_attention``). Inputs are
-SDPA's: q [B, H, Sq, D], k and v [B, H, Skv, D], no mask, no dropout, not causal.
+SDPA's: q [B, H, Sq, D], k and v [B, H, Skv, D], no dropout, not causal, and no mask or a
+key-padding one (a boolean [B, 1, 1, Skv]: some keys hidden from every query).
 
 * **K is smoothed.** Its mean over the tokens, μ [B, H, 1, D] in fp32, is subtracted first.
   Every score of a query row then shifts by the same q·μ, which the softmax removes exactly,
@@ -47,6 +48,17 @@ def head_dim_supported(d: int) -> bool:
     return d in HEAD_DIMS
 
 
+def key_padding_mask(mask, b: int, skv: int):
+    """SDPA's boolean ``attn_mask`` as a per-key mask [B or 1, Skv] if it is one (shape
+    [B or 1, 1, 1, Skv]: the same keys hidden from every head and query), else None. Works on
+    example values with symbolic sizes too (compared, never converted with int())."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 4:
+        return None
+    if mask.shape[1] != 1 or mask.shape[2] != 1 or mask.shape[3] != skv or (mask.shape[0] != 1 and mask.shape[0] != b):
+        return None
+    return mask[:, 0, 0, :]
+
+
 def key_mean(k: torch.Tensor) -> torch.Tensor:
     """μ = mean of k over its tokens, fp32 [B, H, 1, D] (NaN and ±Inf propagate), accumulated
     in fp32 without an fp32 copy of k."""
@@ -68,8 +80,14 @@ def quantize_values(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_fp8_rows(v.transpose(-1, -2))
 
 
-def quantized_attention_reference(q, k, v, scale: float | None = None, block_n: int = BLOCK_N) -> torch.Tensor:
-    """The quantized attention of q, k, v (see the module docstring), in q's dtype."""
+def quantized_attention_reference(q, k, v, scale: float | None = None, block_n: int = BLOCK_N,
+                                  key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The quantized attention of q, k, v (see the module docstring), in q's dtype.
+
+    ``key_mask``: bool [B, Skv] (or [1, Skv]), False for keys no query may attend to (SDPA's
+    boolean ``attn_mask`` of shape [B, 1, 1, Skv], e.g. HunyuanVideo's text padding). A masked
+    key takes no part in the max and gets p = 0; a block with no key left changes nothing; a row
+    with no key at all is NaN, as in SDPA. Masked keys still count in K's mean and V's scales."""
     d = q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     q_codes, q_scale = quantize_queries(q)
@@ -86,12 +104,20 @@ def quantized_attention_reference(q, k, v, scale: float | None = None, block_n: 
     for n0 in range(0, k.shape[-2], block_n):
         scores = qf @ kf[..., n0:n0 + block_n, :].transpose(-1, -2)
         logits = (scores * k_scale[..., n0:n0 + block_n, :].transpose(-1, -2)) * row_factor
-        m_new = torch.maximum(m, logits.amax(dim=-1, keepdim=True))
-        p = torch.exp2(logits - (m_new - log2_p_scale))  # in [0, 448]
-        alpha = torch.exp2(m - m_new)
+        if key_mask is None:
+            m_new = torch.maximum(m, logits.amax(dim=-1, keepdim=True))
+            p = torch.exp2(logits - (m_new - log2_p_scale))  # in [0, 448]
+            alpha = torch.exp2(m - m_new)
+        else:
+            valid = key_mask[:, None, None, n0:n0 + block_n]
+            m_new = torch.maximum(m, torch.where(valid, logits, float("-inf")).amax(dim=-1, keepdim=True))
+            p = torch.where(valid, torch.exp2(logits - (m_new - log2_p_scale)), 0.0)
+            alpha = torch.where(m == m_new, 1.0, torch.exp2(m - m_new))  # no NaN while both are -inf
         l = l * alpha + p.sum(dim=-1, keepdim=True)
         p8 = p.clamp(max=P_SCALE).to(torch.float8_e4m3fn).float()
         acc = acc * alpha + p8 @ vtf[..., n0:n0 + block_n].transpose(-1, -2)
         m = m_new
     out = acc / l * v_scale.transpose(-1, -2)
+    if key_mask is not None:  # l = 0 only where every key is hidden (else l >= 448): 0, as SDPA gives
+        out = torch.where(l == 0, 0.0, out)
     return out.to(q.dtype)

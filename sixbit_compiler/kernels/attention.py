@@ -83,9 +83,9 @@ def _v_kernel(
 
 
 @triton.jit
-def _attend(acc, m_i, l_i, q, row_factor, k_desc, k_base, ks_base, vt_desc, vt_base, kv_row, vt_row, n0, SKV, S_PAD_KV,
-            HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr,
-            TMA: tl.constexpr):
+def _attend(acc, m_i, l_i, q, row_factor, k_desc, k_base, ks_base, vt_desc, vt_base, mask_base, kv_row, vt_row, n0,
+            SKV, S_PAD_KV, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+            UPCAST: tl.constexpr, TMA: tl.constexpr, KEY_MASK: tl.constexpr):
     """One block of BLOCK_N keys of the online softmax (``formats.attention``'s loop body).
 
     Per score: int32 -> fp32, times the key's scale, a max, one FMA and one exp2: the query's
@@ -97,17 +97,27 @@ def _attend(acc, m_i, l_i, q, row_factor, k_desc, k_base, ks_base, vt_desc, vt_b
     else:
         k = tl.load(k_base + cols[:, None] * HEAD_DIM + d[None, :])
     t = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32) * tl.load(ks_base + cols)[None, :]
-    if MASKED:  # keys past the end (zero codes, padding) take no part in the max and get p = 0
-        valid = (cols < SKV)[None, :]
+    if MASKED:  # keys past the end (zero codes, padding) or hidden by the key mask: no part in
+        # the max, p = 0 (the mask is zero past the end too)
+        if KEY_MASK:
+            valid = (tl.load(mask_base + cols) != 0)[None, :]
+        else:
+            valid = (cols < SKV)[None, :]
         t_max = tl.max(tl.where(valid, t, float("-inf")), axis=1)
     else:
         t_max = tl.max(t, axis=1)
     # row_factor >= 0, so the row max of the logits t · row_factor is row_factor · max(t)
-    m_new = tl.maximum(m_i, t_max * row_factor)
+    if KEY_MASK:  # a block may hide every key: keep its max -inf (not -inf · 0 = NaN)
+        m_new = tl.maximum(m_i, tl.where(t_max == float("-inf"), float("-inf"), t_max * row_factor))
+    else:
+        m_new = tl.maximum(m_i, t_max * row_factor)
     p = tl.math.exp2(t * row_factor[:, None] - (m_new - LOG2_P_SCALE)[:, None])  # 448 · 2^(logit - max)
     if MASKED:
         p = tl.where(valid, p, 0.0)
-    alpha = tl.math.exp2(m_i - m_new)
+    if KEY_MASK:  # no key seen yet: m_i = m_new = -inf, and exp2(-inf + inf) would be NaN
+        alpha = tl.where(m_i == m_new, 1.0, tl.math.exp2(m_i - m_new))
+    else:
+        alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None]
     if TMA:
@@ -138,13 +148,13 @@ def _prune(configs, named_args, **kwargs):
     return [c for c in configs if kwargs["TMA_OK"] or not c.kwargs["TMA"]]
 
 
-@triton.autotune(configs=_configs(), key=["HEAD_DIM", "SQ_BUCKET", "SKV_BUCKET", "TMA_OK"],
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "SQ_BUCKET", "SKV_BUCKET", "TMA_OK", "KEY_MASK"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _attention_kernel(
-    q_ptr, qs_ptr, k_ptr, ks_ptr, vt_ptr, vs_ptr, o_ptr, softmax_factor,
-    H, SQ, SKV, S_PAD_Q, S_PAD_KV, stride_ob, stride_oh, stride_os, SQ_BUCKET, SKV_BUCKET,
-    HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, TMA_OK: tl.constexpr,
+    q_ptr, qs_ptr, k_ptr, ks_ptr, vt_ptr, vs_ptr, o_ptr, mask_ptr, softmax_factor,
+    H, SQ, SKV, S_PAD_Q, S_PAD_KV, stride_ob, stride_oh, stride_os, stride_mask_b, SQ_BUCKET, SKV_BUCKET,
+    HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, TMA_OK: tl.constexpr, KEY_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
 ):
     """One program: BLOCK_M queries of one (batch, head) against all its keys. ``TMA``: key and
@@ -174,14 +184,22 @@ def _attention_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-    n_full = (SKV // BLOCK_N) * BLOCK_N
-    for n0 in range(0, n_full, BLOCK_N):
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, row_factor, k_desc, k_base, ks_base, vt_desc, vt_base, kv_row,
-                                vt_row, n0, SKV, S_PAD_KV, HEAD_DIM, BLOCK_N, False, UPCAST, TMA)
-    if n_full < SKV:
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, row_factor, k_desc, k_base, ks_base, vt_desc, vt_base, kv_row,
-                                vt_row, n_full, SKV, S_PAD_KV, HEAD_DIM, BLOCK_N, True, UPCAST, TMA)
+    mask_base = mask_ptr + b.to(tl.int64) * stride_mask_b
+    if KEY_MASK:  # every block may hide keys
+        for n0 in range(0, SKV, BLOCK_N):
+            acc, m_i, l_i = _attend(acc, m_i, l_i, q, row_factor, k_desc, k_base, ks_base, vt_desc, vt_base, mask_base,
+                                    kv_row, vt_row, n0, SKV, S_PAD_KV, HEAD_DIM, BLOCK_N, True, UPCAST, TMA, True)
+    else:  # full blocks unmasked, the last (partial) one masked
+        n_full = (SKV // BLOCK_N) * BLOCK_N
+        for n0 in range(0, n_full, BLOCK_N):
+            acc, m_i, l_i = _attend(acc, m_i, l_i, q, row_factor, k_desc, k_base, ks_base, vt_desc, vt_base, mask_base,
+                                    kv_row, vt_row, n0, SKV, S_PAD_KV, HEAD_DIM, BLOCK_N, False, UPCAST, TMA, False)
+        if n_full < SKV:
+            acc, m_i, l_i = _attend(acc, m_i, l_i, q, row_factor, k_desc, k_base, ks_base, vt_desc, vt_base, mask_base,
+                                    kv_row, vt_row, n_full, SKV, S_PAD_KV, HEAD_DIM, BLOCK_N, True, UPCAST, TMA, False)
     out = acc / l_i[:, None] * tl.load(vs_ptr + bh * HEAD_DIM + d)[None, :]
+    if KEY_MASK:  # l = 0 only where every key is hidden (else l >= 448): 0, as SDPA gives
+        out = tl.where((l_i == 0.0)[:, None], 0.0, out)
     o = o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + rows[:, None] * stride_os + d[None, :]
     tl.store(o, out.to(o_ptr.dtype.element_ty), mask=(rows < SQ)[:, None])
 
@@ -258,9 +276,10 @@ def _bucket(n: int) -> int:
 
 
 def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-                        config: triton.Config | None = None) -> torch.Tensor:
+                        config: triton.Config | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``formats.attention.quantized_attention_reference`` on the GPU (or the interpreter).
     ``config``: one of ``_attention_kernel.configs`` instead of the autotuner's (tests, sweeps).
+    ``key_mask``: bool [B or 1, Skv], False for keys hidden from every query.
 
     The output is [B, H, Sq, D] laid out as [B, Sq, H, D], like the flash SDPA backends', so
     the usual ``transpose(1, 2).flatten(2)`` after attention is free."""
@@ -273,8 +292,15 @@ def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     out = torch.empty((b, sq, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
     upcast = interpreting()
     tma_ok = tma_available(q.device)
-    args = (q_codes, q_scale, k_codes, k_scale, vt_codes.view(torch.float8_e4m3fn), v_scale, out, softmax_factor,
-            h, sq, skv, q_codes.shape[2], k_codes.shape[2], out.stride(0), out.stride(1), out.stride(2),
+    s_pad_kv = k_codes.shape[2]
+    if key_mask is not None:  # uint8 [B or 1, S_pad], zero past the end
+        mask = torch.zeros((key_mask.shape[0], s_pad_kv), dtype=torch.uint8, device=q.device)
+        mask[:, :skv] = key_mask
+        mask_stride = mask.stride(0) if mask.shape[0] > 1 else 0
+    else:
+        mask, mask_stride = v_scale, 0  # any pointer: never read
+    args = (q_codes, q_scale, k_codes, k_scale, vt_codes.view(torch.float8_e4m3fn), v_scale, out, mask, softmax_factor,
+            h, sq, skv, q_codes.shape[2], s_pad_kv, out.stride(0), out.stride(1), out.stride(2), mask_stride,
             _bucket(sq), _bucket(skv))
 
     def grid(meta):
@@ -282,12 +308,14 @@ def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
 
     def launch():
         if not single_config():
-            return _attention_kernel[grid](*args, HEAD_DIM=d, UPCAST=upcast, TMA_OK=tma_ok)
+            return _attention_kernel[grid](*args, HEAD_DIM=d, UPCAST=upcast, TMA_OK=tma_ok, KEY_MASK=key_mask is not None)
         cfg = config or _prune(_attention_kernel.configs, {}, TMA_OK=tma_ok)[0]
-        return _attention_kernel.fn[grid](*args, HEAD_DIM=d, UPCAST=upcast, TMA_OK=tma_ok, **cfg.all_kwargs())
+        return _attention_kernel.fn[grid](*args, HEAD_DIM=d, UPCAST=upcast, TMA_OK=tma_ok, KEY_MASK=key_mask is not None,
+                                          **cfg.all_kwargs())
 
     launch_with_scratch(launch)
     return out
 
 
-__all__ = ["P_SCALE", "quantize_qk", "quantize_v", "quantized_attention", "unsupported_reason", "value_scales"]
+__all__ = ["P_SCALE", "quantize_qk", "quantize_v", "quantized_attention", "unsupported_reason",
+           "value_scales"]
