@@ -46,7 +46,7 @@ _SDPA_SIGNATURE = inspect.Signature([
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 #: Below this many keys (and fewer keys than queries: cross-attention to text) attention stays
 #: exact. On the H100, Wan's cross-attention (32,760 queries, 512 keys) took 0.65 ms in SDPA and
-#: 1.05 ms quantized, 0.37 ms of it quantizing Q (docs/benchmarks.md, "Attention").
+#: 1.03 ms quantized, 0.37 ms of it quantizing Q (docs/benchmarks.md, "Attention").
 SHORT_KEYS = 2048
 
 
@@ -109,11 +109,15 @@ def quantize_attention(gm: fx.GraphModule, ctx: CompileContext) -> None:
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not SDPA:
             continue
-        call = _SDPA_SIGNATURE.bind(*node.args, **node.kwargs)
+        block = node.meta.get("sixbit_block")
+        try:
+            call = _SDPA_SIGNATURE.bind(*node.args, **node.kwargs)
+        except TypeError:  # a newer SDPA signature: leave the call alone rather than guess
+            ctx.attentions.append(AttentionInfo(innermost_module(node), block, "?", reason="unrecognised SDPA arguments"))
+            continue
         call.apply_defaults()
         q, k = (example_value(call.arguments[n]) if isinstance(call.arguments[n], fx.Node) else None
                 for n in ("query", "key"))
-        block = node.meta.get("sixbit_block")
         info = AttentionInfo(path=innermost_module(node), block=block, shape=f"q {_shape(q)}, kv {_shape(k)}")
         ctx.attentions.append(info)
         reason = _why_not(call, block)

@@ -337,6 +337,17 @@ def test_pass_takes_key_padding_masks_and_keeps_other_masks():
     assert all(m is not None for m in masks)  # the mask travels to the op
 
 
+def test_pass_leaves_unrecognised_sdpa_arguments_alone():
+    gm, ex = capture(tiny_wan(num_layers=2), **wan_inputs())
+    gm, ctx = context_for(gm, ex, attention="int8")
+    find_blocks(gm, ctx)
+    sdpa = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target is F.scaled_dot_product_attention)
+    sdpa.kwargs = {**sdpa.kwargs, "future_option": True}  # an argument this torch does not have
+    quantize_attention(gm, ctx)
+    assert ctx.attentions[0].reason == "unrecognised SDPA arguments" and ctx.attentions[0].status == "kept"
+    assert ctx.attentions[2].status == "quantized"  # the next block's self-attention still is
+
+
 def test_pass_keeps_unsupported_head_dim():
     gm, ctx, before, after = run_pass(scratch_dit(depth=2), (torch.randn(1, 10, 8), torch.tensor([500.0])),
                                       attention="int8")
