@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from conftest import capture, context_for, rel_err
 from models import hunyuan_inputs, scratch_dit, tiny_cogvideox, tiny_hunyuan, tiny_wan, wan_inputs, cogvideox_inputs
 from sixbit_compiler.formats import attention as spec
-from sixbit_compiler.formats import quantize_fp8_rows, quantize_int8
 from sixbit_compiler.fx_utils import op_counts
 from sixbit_compiler.passes import find_blocks, quantize_attention
 
