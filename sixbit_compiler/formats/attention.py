@@ -6,8 +6,8 @@ key-padding one (a boolean [B, 1, 1, Skv]: some keys hidden from every query).
 
 * **K is smoothed.** Its mean over the tokens, μ [B, H, 1, D] in fp32, is subtracted first.
   Every score of a query row then shifts by the same q·μ, which the softmax removes exactly,
-  and K's per-token INT8 no longer spends its range on an offset all tokens share (video
-  DiTs' keys carry large per-channel offsets).
+  and K's per-token INT8 no longer spends its range on an offset all tokens share (the
+  SageAttention paper reports such per-channel offsets in video DiTs' keys).
 * **Q and smoothed K: per-token INT8** (:func:`formats.quantize_int8` on rows of D, one scale
   per token and head). Their products are exact in int32.
 * **V: FP8 e4m3 per channel** (:func:`formats.quantize_fp8_rows` on Vᵀ): one scale per
@@ -21,8 +21,8 @@ key-padding one (a boolean [B, 1, 1, Skv]: some keys hidden from every query).
   (The kernel's exp2 is the GPU's approximate one and its sums run in another order, so it
   matches this spec within a tolerance, not bit for bit.)
 
-NaN follows SDPA: a NaN in a query row makes that output row NaN; in a key, every output
-(the softmax of every row sees it); in a value channel, that output channel. An all-zero
+NaN follows SDPA: a NaN in a query row makes that output row NaN; in a key, every output of
+its head (the softmax of every row sees it); in a value channel, that output channel. An all-zero
 query row, or keys that are all equal, attend uniformly, as in exact attention.
 """
 
