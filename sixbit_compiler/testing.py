@@ -1,14 +1,13 @@
 """Helpers for writing pass-level tests (the project's own tests use them too).
 
-    from sixbit_compiler.testing import capture, context_for, op_counts
+    from sixbit_compiler.testing import apply_pass, capture, context_for
     from sixbit_compiler.passes import find_blocks, quantize_linears
 
     gm, example_inputs = capture(model, **inputs)       # the graph Dynamo would hand sixbit
     gm, ctx = context_for(gm, example_inputs, activation="nvfp4")
     find_blocks(gm, ctx)
-    before = op_counts(gm.graph)
-    quantize_linears(gm, ctx)
-    assert op_counts(gm.graph)["sixbit.quantized_linear.default"] == before["F.linear"] - 6
+    before, after = apply_pass(quantize_linears, gm, ctx)
+    assert after["sixbit.quantized_linear.default"] == before["F.linear"] - 6
 
 See docs/passes.md.
 """
@@ -19,7 +18,7 @@ import torch
 
 from .fx_utils import op_counts
 
-__all__ = ["capture", "context_for", "op_counts"]
+__all__ = ["apply_pass", "capture", "context_for", "op_counts"]
 
 
 def capture(model, *args, **kwargs):
@@ -51,3 +50,13 @@ def context_for(gm, example_inputs, **options):
     opts = SixbitOptions.from_dict(options).for_device(graph_device(example_inputs))
     gm = copy_graph_module(gm)
     return gm, CompileContext.for_graph(gm, example_inputs, opts, runtime=SixbitRuntime(opts))
+
+
+def apply_pass(pass_fn, gm, ctx) -> tuple[dict[str, int], dict[str, int]]:
+    """Run one pass as the pass manager does (then lint the graph and regenerate its code) and
+    return the op counts before and after it."""
+    before = op_counts(gm.graph)
+    pass_fn(gm, ctx)
+    gm.graph.lint()
+    gm.recompile()
+    return before, op_counts(gm.graph)

@@ -29,4 +29,4 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # Pass-test helpers are public API (sixbit_compiler.testing); tests import them from here.
-from sixbit_compiler.testing import capture, context_for  # noqa: E402,F401
+from sixbit_compiler.testing import apply_pass, capture, context_for  # noqa: E402,F401

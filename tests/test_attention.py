@@ -7,10 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import capture, context_for, rel_err
+from conftest import apply_pass, capture, context_for, rel_err
 from models import hunyuan_inputs, scratch_dit, tiny_cogvideox, tiny_hunyuan, tiny_wan, wan_inputs, cogvideox_inputs
 from sixbit_compiler.formats import attention as spec
-from sixbit_compiler.fx_utils import op_counts
 from sixbit_compiler.passes import find_blocks, quantize_attention
 
 SDPA = "F.scaled_dot_product_attention"
@@ -287,11 +286,7 @@ def run_pass(model, inputs, **options):
     gm, ex = capture(model, **inputs) if isinstance(inputs, dict) else capture(model, *inputs)
     gm, ctx = context_for(gm, ex, **options)
     find_blocks(gm, ctx)
-    before = op_counts(gm.graph)
-    quantize_attention(gm, ctx)
-    gm.graph.lint()
-    gm.recompile()
-    return gm, ctx, before, op_counts(gm.graph)
+    return (gm, ctx, *apply_pass(quantize_attention, gm, ctx))
 
 
 @pytest.mark.parametrize("make, inputs, statuses", [

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import sixbit_compiler
-from conftest import capture, context_for
+from conftest import apply_pass, capture, context_for
 from models import cogvideox_inputs, scratch_dit, tiny_cogvideox, tiny_wan, wan_inputs
 from sixbit_compiler.blocks import structure_key
 from sixbit_compiler.fx_utils import op_counts
@@ -18,11 +18,7 @@ def regions_for(make, inputs, **options):
     gm, ctx = context_for(gm, ex, block_cache=True, **options)
     find_blocks(gm, ctx)
     quantize_linears(gm, ctx)
-    before = op_counts(gm.graph)
-    block_regions(gm, ctx)
-    gm.graph.lint()
-    gm.recompile()
-    return gm, ctx, before, op_counts(gm.graph)
+    return (gm, ctx, *apply_pass(block_regions, gm, ctx))
 
 
 @pytest.mark.parametrize(

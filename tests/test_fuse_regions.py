@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import sixbit_compiler
-from conftest import capture, context_for
+from conftest import apply_pass, capture, context_for
 from models import cogvideox_inputs, tiny_cogvideox, tiny_wan, wan_inputs
 from sixbit_compiler.fx_utils import op_counts
 from sixbit_compiler.passes import find_blocks, fuse_regions, quantize_linears
@@ -19,9 +19,7 @@ def partitioned(model, *args, **kwargs):
     gm, ctx = context_for(gm, ex, activation="int8")
     find_blocks(gm, ctx)
     quantize_linears(gm, ctx)
-    before = op_counts(gm.graph)
-    fuse_regions(gm, ctx)
-    gm.graph.lint()
+    before, _ = apply_pass(fuse_regions, gm, ctx)
     return gm, ctx, before
 
 

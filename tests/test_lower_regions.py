@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from conftest import capture, context_for, rel_err
+from conftest import apply_pass, capture, context_for, rel_err
 from models import cogvideox_inputs, tiny_cogvideox, tiny_wan, wan_inputs
-from sixbit_compiler.fx_utils import op_counts
 from sixbit_compiler.passes import find_blocks, fuse_regions, lower_regions, quantize_linears
 
 
@@ -15,10 +14,7 @@ def lowered_graph(make, inputs):
     find_blocks(gm, ctx)
     quantize_linears(gm, ctx)
     fuse_regions(gm, ctx)
-    before = op_counts(gm.graph)
-    lower_regions(gm, ctx)
-    gm.graph.lint()
-    return gm, ctx, before, op_counts(gm.graph)
+    return (gm, ctx, *apply_pass(lower_regions, gm, ctx))
 
 
 def test_prologues_become_kernels_and_epilogues_join_their_gemm():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sixbit_compiler
-from conftest import capture, context_for, rel_err
+from conftest import apply_pass, capture, context_for, rel_err
 from models import cogvideox_inputs, tiny_cogvideox, tiny_wan, wan_inputs
 from sixbit_compiler.calibration import Calibration, Fit, layer_kind
 from sixbit_compiler.fx_utils import op_counts
@@ -23,12 +23,8 @@ def guarded(make, inputs, **options):
     if ctx.options.block_cache:
         block_regions(gm, ctx)
         gm.recompile()
-    before = op_counts(gm.graph)
     n_out = len(next(n for n in gm.graph.nodes if n.op == "output").args[0])
-    precision_guards(gm, ctx)
-    gm.graph.lint()
-    gm.recompile()
-    return gm, ctx, before, op_counts(gm.graph), n_out
+    return (gm, ctx, *apply_pass(precision_guards, gm, ctx), n_out)
 
 
 @pytest.mark.parametrize("make, inputs, n_blocks", [(lambda: tiny_wan(num_layers=3), wan_inputs, 3),

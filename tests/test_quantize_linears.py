@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import capture, context_for
+from conftest import apply_pass, capture, context_for
 from models import cogvideox_inputs, scratch_dit, tiny_cogvideox, tiny_wan, wan_inputs
 from sixbit_compiler.fx_utils import op_counts
 from sixbit_compiler.passes import find_blocks, quantize_linears
@@ -17,12 +17,8 @@ QLINEAR = "sixbit.quantized_linear.default"
 def run_passes(gm, ex, **options):
     gm, ctx = context_for(gm, ex, **options)
     find_blocks(gm, ctx)
-    before = op_counts(gm.graph)
     placeholders_before = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    quantize_linears(gm, ctx)
-    gm.graph.lint()
-    gm.recompile()
-    return gm, ctx, before, op_counts(gm.graph), placeholders_before
+    return (gm, ctx, *apply_pass(quantize_linears, gm, ctx), placeholders_before)
 
 
 @pytest.mark.parametrize(
