@@ -18,7 +18,6 @@ without recompiling, and reading the slot never syncs the GPU.
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Optional
 
@@ -26,8 +25,6 @@ import torch
 
 from .formats import Precision
 from .reference import quantized_linear_reference, reference_scales
-
-log = logging.getLogger("sixbit")
 
 #: Set SIXBIT_KERNELS=0 to run the reference path on GPU too (debugging, A/B checks).
 KERNELS_ENV = "SIXBIT_KERNELS"
@@ -214,13 +211,13 @@ def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     if attn_mask is not None and key_mask is None:
         raise ValueError(f"sixbit::quantized_attention: attn_mask must be a boolean [B, 1, 1, Skv] key-padding "
                          f"mask (got {attn_mask.dtype} {tuple(attn_mask.shape)})")
-    if (q.is_cuda or _interpreting()) and use_kernels():
-        from .kernels import attention
+    if generated_kernels_run_on(q):
+        from .kernels import attention, log_fallback_once
 
         reason = attention.unsupported_reason(q, k, v)
         if reason is None:
             return attention.quantized_attention(q, k, v, scale, key_mask=key_mask)
-        _log_attention_fallback(reason)
+        log_fallback_once("quantized_attention runs exact SDPA", reason)
         result = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
     else:
         result = quantized_attention_reference(q, k, v, scale, key_mask=key_mask)
@@ -235,21 +232,6 @@ def _quantized_attention_fake(q, k, v, scale, attn_mask=None):
 def _attention_output(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     b, h, sq, _ = q.shape
     return q.new_empty((b, sq, h, v.shape[-1])).transpose(1, 2)
-
-
-def _interpreting() -> bool:
-    from .kernels import interpreting
-
-    return interpreting()
-
-
-_attention_fallbacks: set[str] = set()
-
-
-def _log_attention_fallback(reason: str) -> None:
-    if reason not in _attention_fallbacks:
-        _attention_fallbacks.add(reason)
-        log.warning("sixbit: quantized_attention runs exact SDPA for %s", reason)
 
 
 QUANTIZED_ATTENTION = torch.ops.sixbit.quantized_attention.default

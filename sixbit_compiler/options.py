@@ -79,8 +79,9 @@ class SixbitOptions:
     int8_weights: tuple[str, ...] = ()
     #: Attention inside transformer blocks: "exact" (the model's own SDPA, untouched) or "int8"
     #: (``quantize_attention``: Q·Kᵀ in INT8 with K smoothed, P·V in FP8 e4m3, softmax in fp32;
-    #: the SageAttention recipe, formats/attention.py). Calls with a mask, dropout, causality or
-    #: a head dim the kernels do not take stay exact. docs/options.md has its speed and fidelity.
+    #: the SageAttention recipe, formats/attention.py). Calls with a mask other than a boolean
+    #: key-padding one, dropout, causality, a head dim the kernels do not take, or a short
+    #: cross-attention stay exact. docs/options.md has its speed and fidelity.
     attention: str = "exact"
     #: Rotate activations and weights by a 128-block Hadamard before quantizing.
     hadamard: bool = False

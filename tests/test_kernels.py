@@ -163,13 +163,13 @@ def test_gemm_every_tile_written_once_each_tiling_and_feed(persistent, tma):
 def test_gemm_unaligned_operands_take_the_pointer_configs():
     """TMA needs 16-byte aligned rows: K = 72 INT8 rows (72 B) and an offset view still run,
     on the pointer configs, and give the exact result."""
-    from sixbit_compiler.kernels.gemm import _prune, configs, tma_takes
+    from sixbit_compiler.kernels.gemm import prune_tma_configs, configs, tma_takes
 
     g = torch.Generator().manual_seed(3)
     a = torch.randint(-127, 128, (40, 73), generator=g, dtype=torch.int8).to(DEV)[:, 1:]  # base off by 1 B
     b = torch.randint(-127, 128, (24, 72), generator=g, dtype=torch.int8).to(DEV)
     assert not tma_takes(a) and tma_takes(torch.zeros(4, 64, dtype=torch.int8, device=DEV))
-    assert [c for c in configs(True) if not c.kwargs["TMA"]] == _prune(configs(True), {}, TMA_OK=False)
+    assert [c for c in configs(True) if not c.kwargs["TMA"]] == prune_tma_configs(configs(True), {}, TMA_OK=False)
     assert any(c.kwargs["TMA"] for c in configs(True))
     sa, sb = torch.rand(40, 1, generator=g).to(DEV), torch.rand(24, 1, generator=g).to(DEV)
     c = scaled_gemm(a, b, sa, sb, None, torch.float32)

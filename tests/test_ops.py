@@ -136,3 +136,15 @@ def test_opcheck():
         torch.ops.sixbit.quantized_linear.default,
         (x, qw.packed, qw.block_scales_bits, qw.tensor_scale, None, slots, 0, 48, False),
     )
+
+
+def test_fallbacks_are_logged_once_per_reason(caplog):
+    from sixbit_compiler.kernels import log_fallback_once
+
+    with caplog.at_level("WARNING", logger="sixbit"):
+        for _ in range(3):
+            log_fallback_once("quantized_attention runs exact SDPA", "a test reason 1")
+        log_fallback_once("quantized_attention runs exact SDPA", "a test reason 2")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["sixbit: quantized_attention runs exact SDPA for a test reason 1",
+                     "sixbit: quantized_attention runs exact SDPA for a test reason 2"]

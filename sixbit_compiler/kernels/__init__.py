@@ -15,7 +15,18 @@ Every kernel has its pure-PyTorch spec in ``sixbit_compiler.formats`` /
 
 from __future__ import annotations
 
+import logging
 import os
+
+
+_fallbacks_logged: set[tuple[str, str]] = set()
+
+
+def log_fallback_once(what: str, reason: str) -> None:
+    """One warning per (what runs instead, reason) for the life of the process."""
+    if (what, reason) not in _fallbacks_logged:
+        _fallbacks_logged.add((what, reason))
+        logging.getLogger("sixbit").warning("sixbit: %s for %s", what, reason)
 
 
 def interpreting() -> bool:

@@ -28,7 +28,7 @@ from ..formats.attention import HEAD_DIMS, LOG2E, P_SCALE, key_mean
 from ..formats.fp8 import FP8_E4M3_MAX
 from . import interpreting
 from ._common import NO_FMA, encode_rows, encode_rows_hw, int8_rows, round_to_e4m3
-from .gemm import launch_with_scratch, single_config, tma_available
+from .gemm import launch_with_scratch, prune_tma_configs, single_config, tma_available
 
 #: tokens are padded to a multiple of this (the largest BLOCK_M / BLOCK_N of the configs)
 TOKEN_PAD = 128
@@ -144,12 +144,8 @@ def _configs():
             _config(128, 64, 4, 3, True), _config(128, 64, 4, 3, False), _config(64, 128, 4, 4, True)]
 
 
-def _prune(configs, named_args, **kwargs):
-    return [c for c in configs if kwargs["TMA_OK"] or not c.kwargs["TMA"]]
-
-
 @triton.autotune(configs=_configs(), key=["HEAD_DIM", "SQ_BUCKET", "SKV_BUCKET", "TMA_OK", "KEY_MASK"],
-                 prune_configs_by={"early_config_prune": _prune})
+                 prune_configs_by={"early_config_prune": prune_tma_configs})
 @triton.jit
 def _attention_kernel(
     q_ptr, qs_ptr, k_ptr, ks_ptr, vt_ptr, vs_ptr, o_ptr, mask_ptr, softmax_factor,
@@ -309,7 +305,7 @@ def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     def launch():
         if not single_config():
             return _attention_kernel[grid](*args, HEAD_DIM=d, UPCAST=upcast, TMA_OK=tma_ok, KEY_MASK=key_mask is not None)
-        cfg = config or _prune(_attention_kernel.configs, {}, TMA_OK=tma_ok)[0]
+        cfg = config or prune_tma_configs(_attention_kernel.configs, {}, TMA_OK=tma_ok)[0]
         return _attention_kernel.fn[grid](*args, HEAD_DIM=d, UPCAST=upcast, TMA_OK=tma_ok, KEY_MASK=key_mask is not None,
                                           **cfg.all_kwargs())
 

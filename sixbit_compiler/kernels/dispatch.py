@@ -24,20 +24,17 @@ the reference path.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from ..formats import Precision, hadamard_rotate
 from ..formats._common import pad_last
 from ..reference import stored_k
+from . import log_fallback_once
 from .gemm import scaled_gemm
 from .quantize import quantize_fp8_rows, quantize_int8_rows, quantize_nvfp4_values
 from .weights import decode_nvfp4_to_fp8, decode_nvfp4_to_int8, decode_nvfp4_values
 
-log = logging.getLogger("sixbit")
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_logged: set[str] = set()
 
 
 def unsupported_reason(x: torch.Tensor, precision: Precision) -> str | None:
@@ -48,12 +45,6 @@ def unsupported_reason(x: torch.Tensor, precision: Precision) -> str | None:
     if x.numel() == 0:
         return "empty input"
     return None
-
-
-def log_fallback_once(reason: str) -> None:
-    if reason not in _logged:
-        _logged.add(reason)
-        log.warning("sixbit: quantized_linear runs the reference path for %s", reason)
 
 
 def float_scaled_gemm(a, b, scale, bias, out_dtype, backend: str):
@@ -148,7 +139,7 @@ def quantized_linear(
     float_gemm = float_gemm or "triton"
     reason = unsupported_reason(x, precision)
     if reason is not None:
-        log_fallback_once(reason)
+        log_fallback_once("quantized_linear runs the reference path", reason)
         return None
     out_dtype = x.dtype
     lead = x.shape[:-1]
@@ -174,6 +165,6 @@ def quantized_linear(
         wv = decode_nvfp4_values(w_packed, w_block_scales_bits, x2d.dtype)
         out = float_scaled_gemm(x2d, wv, w_tensor_scale, bias, out_dtype, float_gemm)
     else:
-        log_fallback_once(f"precision {precision!r}")
+        log_fallback_once("quantized_linear runs the reference path", f"precision {precision!r}")
         return None
     return out.reshape(*lead, out.shape[-1])

@@ -60,8 +60,8 @@ def configs(int8: bool):
     on average over the six Wan shapes for INT8 against 1.43x for the best one-tile-per-program
     config, and 0.93x against 0.84x for the bf16 template (``docs/kernels.md``). TMA needs
     16-byte aligned rows, so the pointer configs after them serve the other operands
-    (:func:`_prune`). Under the interpreter, one 64-wide tile of the fast kind, several tiles per
-    program, so that the CPU tests walk the same path."""
+    (:func:`prune_tma_configs`). Under the interpreter, one 64-wide tile of the fast kind, several
+    tiles per program, so that the CPU tests walk the same path."""
     if interpreting():
         return [_config(64, 64, 64, 4, 1, True), _config(64, 64, 64, 4, 1, False)]
     bk = 128 if int8 else 64
@@ -100,9 +100,11 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _prune(configs, named_args, **kwargs):
-    """Drop the TMA configs when the operands are not aligned for it (``TMA_OK``, which is part
-    of the tuning key, so a cached choice never crosses alignments)."""
+def prune_tma_configs(configs, named_args, **kwargs):
+    """Drop the TMA configs where TMA cannot feed the kernel (``TMA_OK`` false: operands not
+    aligned for it, or no descriptors on this GPU; the GEMMs' and the attention kernel's
+    autotuners share it). ``TMA_OK`` is part of the tuning key, so a cached choice never
+    crosses it."""
     return [c for c in configs if kwargs["TMA_OK"] or not c.kwargs["TMA"]]
 
 
@@ -123,7 +125,7 @@ def launch_gemm(kernel, a, b, m, n, *args, **kwargs):
             return kernel[grid](a, b, *args, TMA_OK=aligned, **kwargs)
         # A persistent program holds its pipeline and its epilogue's layout change in shared
         # memory at once: with an fp32 output a 128x256 tile needs 272 KB (H100: 227 KB).
-        fits = _prune(kernel.configs, {}, TMA_OK=aligned)
+        fits = prune_tma_configs(kernel.configs, {}, TMA_OK=aligned)
         for cfg in fits:
             try:
                 return kernel.fn[grid](a, b, *args, TMA_OK=aligned, **kwargs, **cfg.all_kwargs())
@@ -174,7 +176,7 @@ def launch_with_scratch(launch):
 def autotune_kwargs() -> dict:
     """Extra ``triton.autotune`` arguments: the alignment prune, and tuning results kept across
     processes where the installed Triton can."""
-    extra = {"prune_configs_by": {"early_config_prune": _prune}}
+    extra = {"prune_configs_by": {"early_config_prune": prune_tma_configs}}
     if "cache_results" in inspect.signature(triton.autotune).parameters:
         extra["cache_results"] = True
     return extra
