@@ -34,6 +34,12 @@ def is_nan(x):
 
 
 @triton.jit
+def saturate(x, limit):
+    """x clamped to [-limit, limit] (±Inf to ±limit, the formats' convention); NaN passes."""
+    return tl.where(x > limit, limit, tl.where(x < -limit, -limit, x))
+
+
+@triton.jit
 def where_nan(cond, x):
     """fp32 x with NaN where cond holds (a NaN constant global trips Triton's
     "global changed" check, since NaN != NaN, so the NaN is built from its bits)."""

@@ -27,7 +27,7 @@ from ..formats._common import div_exact
 from ..formats.attention import HEAD_DIMS, LOG2E, P_SCALE, key_mean
 from ..formats.fp8 import FP8_E4M3_MAX
 from . import interpreting
-from ._common import NO_FMA, encode_rows, encode_rows_hw, int8_rows, round_to_e4m3
+from ._common import NO_FMA, encode_rows, encode_rows_hw, int8_rows, round_to_e4m3, saturate
 from .gemm import launch_with_scratch, prune_tma_configs, single_config, tma_available
 
 #: tokens are padded to a multiple of this (the largest BLOCK_M / BLOCK_N of the configs)
@@ -57,7 +57,7 @@ def _qk_rows_kernel(
     x = tl.load(x_ptr + head + s[:, None] * stride_s + d[None, :] * stride_d, mask=ok[:, None], other=0.0).to(tl.float32)
     if HAS_MEAN:
         x = tl.where(ok[:, None], x - tl.load(mean_ptr + bh * HEAD_DIM + d)[None, :], 0.0)
-    x = tl.where(x > limit, limit, tl.where(x < -limit, -limit, x))  # ±Inf saturates; NaN passes
+    x = saturate(x, limit)
     q, scale, _, _ = int8_rows(x)
     row = bh.to(tl.int64) * S_PAD + s
     tl.store(codes_ptr + row[:, None] * HEAD_DIM + d[None, :], q.to(tl.int8))
@@ -77,7 +77,7 @@ def _v_kernel(
     if HW_CVT:
         codes = encode_rows_hw(x, inv, True)
     else:
-        codes = encode_rows(tl.where(x > limit, limit, tl.where(x < -limit, -limit, x)), inv, True)
+        codes = encode_rows(saturate(x, limit), inv, True)
     row = bh.to(tl.int64) * HEAD_DIM + d
     tl.store(codes_ptr + row[:, None] * S_PAD + s[None, :], codes.to(tl.uint8))
 

@@ -20,7 +20,8 @@ import triton.language as tl
 
 from ..formats._common import div_exact
 from . import interpreting
-from ._common import NO_FMA, e2m1_round, encode_rows, encode_rows_hw, fp8_rows, int8_rows, is_nan, round_to_e4m3, row_tiling, where_nan
+from ._common import (NO_FMA, e2m1_round, encode_rows, encode_rows_hw, fp8_rows, int8_rows, is_nan, round_to_e4m3,
+                      row_tiling, saturate, where_nan)
 
 _F4_MAX, _F8_MAX = 6.0, 448.0
 
@@ -41,7 +42,7 @@ def _rows_kernel(
         cols = tl.arange(0, BLOCK_K)
         mask = row_ok[:, None] & (cols[None, :] < K)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        x = tl.where(x > limit, limit, tl.where(x < -limit, -limit, x))  # ±Inf saturates; NaN passes
+        x = saturate(x, limit)
         if FP8:
             q, scale, amax, a = fp8_rows(x)
         else:
@@ -72,7 +73,7 @@ def _rows_kernel(
             if HW_CVT:  # the conversions saturate ±Inf themselves
                 q = encode_rows_hw(x, inv, FP8)
             else:
-                x = tl.where(x > limit, limit, tl.where(x < -limit, -limit, x))
+                x = saturate(x, limit)
                 q = encode_rows(x, inv, FP8)
             tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
         scale = where_nan(has_nan > 0, scale)
@@ -134,7 +135,7 @@ def _nvfp4_values_kernel(
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (rows[:, None] < M) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    x = tl.where(x > limit, limit, tl.where(x < -limit, -limit, x))
+    x = saturate(x, limit)
     ts = tl.load(ts_ptr)
     ts_safe = tl.where(ts > 0, ts, 1.0)
     xb = tl.reshape(x, (BLOCK_M, BLOCK_K // 16, 16))
