@@ -15,6 +15,7 @@ Also counts the wgmma instructions in the PTX Triton generated.
 
     python benchmarks/kernels.py [--shapes 1536x1536,5120x5120] [--m 32760]
     python benchmarks/kernels.py --gemm-sweep   # every autotuning config of the GEMM template
+    python benchmarks/kernels.py --quant-sweep  # tilings of the per-token INT8 / FP8 quantization
 
 ``--gemm-sweep`` times each config of the INT8, FP8 and bf16 GEMM template directly (one
 program per tile against persistent programs), next to cuBLAS bf16 and FP8 in the same process.
@@ -121,12 +122,56 @@ def gemm_sweep(x, w, bias):
     return r
 
 
+def quant_sweep(x):
+    """The per-token quantization kernel under each tiling, timed alone (GB/s of its minimum
+    traffic: read 2 B, write 1 B an element): whole rows in registers (one chunk, the row
+    padded to a power of two) against rows in chunks re-read from L2, each over rows per
+    program and warps. Checks every config's INT8 codes against the shipped tiling's."""
+    from sixbit_compiler.kernels._common import NO_FMA, row_tiling
+    from sixbit_compiler.kernels.quantize import _rows_kernel, quantize_int8_rows
+
+    m, k = x.shape
+    ref_q, ref_s, _, _ = quantize_int8_rows(x)
+    traffic = m * k * 3
+    r = {"shipped_tiling": list(row_tiling(k)), "shipped_GBps": traffic / bench(lambda: quantize_int8_rows(x)) / 1e9}
+    q = torch.empty(m, k, dtype=torch.int8, device=x.device)
+    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    amax = torch.empty(m, dtype=torch.float32, device=x.device)
+    abssum = torch.empty(m, dtype=torch.float32, device=x.device)
+    whole = triton.next_power_of_2(k)
+    configs = [(bm, whole, w, True, 1) for bm in (1, 2, 4) for w in (4, 8, 16) if bm * whole <= 32768]
+    configs += [(bm, bk, w, False, st) for bm in (1, 2, 4, 8, 16) for bk in (256, 512, 1024, 2048, 4096)
+                for w in (2, 4, 8, 16) for st in (1, 3) if 512 <= bm * bk <= 16384 and bk < k and bm * bk >= 64 * w]
+    for fp8 in (False, True):
+        timings = {}
+        for bm, bk, w, one, st in configs:
+            name = f"{'row' if one else 'chunks'} m{bm} k{bk} w{w} s{st}"
+
+            def run():
+                _rows_kernel[(triton.cdiv(m, bm),)](
+                    x, q, scale, amax, abssum, m, k, x.stride(0), q.stride(0), torch.finfo(x.dtype).max,
+                    FP8=fp8, BLOCK_M=bm, BLOCK_K=bk, ONE_CHUNK=one, HW_CVT=True, num_warps=w, num_stages=st, **NO_FMA)
+            try:
+                run()
+                if not fp8 and not (torch.equal(q, ref_q) and torch.equal(scale, ref_s)):
+                    timings[name] = "failed: codes differ from the shipped tiling's"
+                    continue
+                timings[name] = traffic / bench(run) / 1e9
+            except Exception as exc:  # e.g. too many registers for this tile
+                timings[name] = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
+        ok = {c: v for c, v in timings.items() if isinstance(v, float)}
+        best = max(ok, key=ok.get)
+        r["fp8" if fp8 else "int8"] = {"GBps": timings, "best": (best, ok[best])}
+    return r
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", type=int, default=32760)
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--quant-only", action="store_true", help="only the quantization and decode kernels")
     ap.add_argument("--gemm-sweep", action="store_true", help="only the GEMMs: every template config, timed alone")
+    ap.add_argument("--quant-sweep", action="store_true", help="only the per-token quantization: tilings, timed alone")
     args = ap.parse_args()
     out_dir = os.environ.get("OUT", "out")
     os.makedirs(out_dir, exist_ok=True)
@@ -164,6 +209,13 @@ def main():
         bias = torch.randn(n, device=dev, dtype=torch.bfloat16, generator=g)
         flops = 2.0 * m * n * k
         r = {}
+        if args.quant_sweep:
+            r = quant_sweep(x)
+            res["shapes"][shape] = r
+            save()
+            print(f"{shape}: shipped {r['shipped_GBps']:.0f} GB/s {r['shipped_tiling']}; best int8 {r['int8']['best']}, "
+                  f"fp8 {r['fp8']['best']} (copy {res['copy_GBps']:.0f} GB/s)", flush=True)
+            continue
         if args.quant_only:
             qw = quantize_weight(w, False)
             r["quant_int8_GBps"] = (m * k * 3) / bench(lambda: quantize_int8_rows(x)) / 1e9

@@ -108,7 +108,7 @@ def quantize_linears(gm: fx.GraphModule, ctx: CompileContext) -> None:
         spec = ctx.input_specs[w.name]
         if w not in weight_nodes:
             fmt = "int8" if _match(path, ctx.options.int8_weights) else "nvfp4"
-            qw = STORE.quantize(weight, hadamard, fmt)
+            qw = STORE.quantize(weight, hadamard, fmt, ctx.options.weight_scales)
             stem = (path or w.name).replace(".", "_")
             added = []
             for field in _FIELDS:

@@ -23,6 +23,7 @@ LOWERINGS = ("auto", "eager", "inductor")
 CACHE_DTYPES = ("activation", "int8", "fp8")
 CACHE_LOCATIONS = ("auto", "device", "host")
 ATTENTIONS = ("exact", "int8")
+WEIGHT_SCALES = ("mse", "amax")
 
 
 #: Named presets: the method's knobs at three points of the speed / fidelity trade-off.
@@ -77,6 +78,11 @@ class SixbitOptions:
     #: (8 bits) instead of NVFP4 (4.5 bits): the fidelity lever that costs less memory than
     #: ``exclude``. E.g. ("*.attn1.to_q", "*.attn1.to_k"): docs/options.md.
     int8_weights: tuple[str, ...] = ()
+    #: How NVFP4 weights choose their e4m3 block scales, once, at compile time: "mse" (the
+    #: default) tries eight scales around amax / 6 per block of 16 and keeps the one with the
+    #: smallest squared error; "amax" takes amax / 6 as activations (and the paper) do. Both
+    #: store ordinary NVFP4: kernels, memory and speed are the same. docs/numerics.md.
+    weight_scales: str = "mse"
     #: Attention inside transformer blocks: "exact" (the model's own SDPA, untouched) or "int8"
     #: (``quantize_attention``: Q·Kᵀ in INT8 with K smoothed, P·V in FP8 e4m3, softmax in fp32;
     #: the SageAttention recipe, formats/attention.py). Calls with a mask other than a boolean
@@ -201,6 +207,8 @@ class SixbitOptions:
             raise bad("cache_location", f"must be one of {CACHE_LOCATIONS}")
         if self.attention not in ATTENTIONS:
             raise bad("attention", f"must be one of {ATTENTIONS}")
+        if self.weight_scales not in WEIGHT_SCALES:
+            raise bad("weight_scales", f"must be one of {WEIGHT_SCALES}")
         if self.lowering not in LOWERINGS:
             raise bad("lowering", f"must be one of {LOWERINGS}")
         if self.timestep_input is not None and not isinstance(self.timestep_input, str):

@@ -36,6 +36,10 @@ log = logging.getLogger("sixbit")
 #: the stored weight formats: NVFP4 (the default, 4.5 bits) and per-channel INT8 (8 bits, for
 #: the layers a user names in ``int8_weights``, where NVFP4's error costs the most fidelity)
 WEIGHT_FORMATS = ("nvfp4", "int8")
+#: how NVFP4 weights pick their e4m3 block scales (option ``weight_scales``): "mse" searches a few
+#: scales per block for the smallest squared error, "amax" takes the block's amax / 6 as
+#: activations do (formats.nvfp4.quantize_nvfp4)
+WEIGHT_SCALE_RULES = ("mse", "amax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +66,7 @@ class QuantizedWeight:
     source_dtype: torch.dtype
     source_nbytes: int
     format: str = "nvfp4"
+    scale_rule: str = "amax"  # NVFP4 only; see WEIGHT_SCALE_RULES
 
     @property
     def block_scales_bits(self) -> torch.Tensor:
@@ -74,10 +79,15 @@ class QuantizedWeight:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.block_scales, self.tensor_scale))
 
 
-def quantize_weight(weight: torch.Tensor, hadamard: bool, fmt: str = "nvfp4") -> QuantizedWeight:
-    """Quantize a [N, K] weight to ``fmt`` (rotated first if ``hadamard``)."""
+def quantize_weight(
+    weight: torch.Tensor, hadamard: bool, fmt: str = "nvfp4", scale_rule: str = "mse"
+) -> QuantizedWeight:
+    """Quantize a [N, K] weight to ``fmt`` (rotated first if ``hadamard``); NVFP4 block scales
+    follow ``scale_rule``."""
     if fmt not in WEIGHT_FORMATS:
         raise ValueError(f"sixbit: unknown weight format {fmt!r}; expected one of {WEIGHT_FORMATS}")
+    if scale_rule not in WEIGHT_SCALE_RULES:
+        raise ValueError(f"sixbit: unknown weight scale rule {scale_rule!r}; expected one of {WEIGHT_SCALE_RULES}")
     with torch.no_grad(), torch.inference_mode(False):
         w = weight.detach()
         src = hadamard_rotate(w) if hadamard else w
@@ -85,7 +95,7 @@ def quantize_weight(weight: torch.Tensor, hadamard: bool, fmt: str = "nvfp4") ->
             packed, scales = quantize_int8(pad_last(src.to(torch.float32), NVFP4_BLOCK), axis=-1)
             tscale = torch.ones((), dtype=torch.float32, device=w.device)
         else:
-            packed, scales, tscale = quantize_nvfp4(src)
+            packed, scales, tscale = quantize_nvfp4(src, scale_search=scale_rule == "mse")
     return QuantizedWeight(
         packed=packed,
         block_scales=scales,
@@ -96,6 +106,7 @@ def quantize_weight(weight: torch.Tensor, hadamard: bool, fmt: str = "nvfp4") ->
         source_dtype=w.dtype,
         source_nbytes=w.numel() * w.element_size(),
         format=fmt,
+        scale_rule=scale_rule if fmt == "nvfp4" else "amax",
     )
 
 
@@ -125,11 +136,16 @@ class WeightStore:
     def is_released(self, param: torch.Tensor) -> bool:
         return id(param) in self._released and self.get(param) is not None
 
-    def quantize(self, param: torch.Tensor, hadamard: bool, fmt: str = "nvfp4") -> QuantizedWeight:
+    def quantize(
+        self, param: torch.Tensor, hadamard: bool, fmt: str = "nvfp4", scale_rule: str = "mse"
+    ) -> QuantizedWeight:
         """The stored quantized form of ``param``, quantizing it on first use."""
         existing = self.get(param)
         if existing is not None:
-            for name, had, want in (("hadamard", existing.hadamard, hadamard), ("weight format", existing.format, fmt)):
+            checks = [("hadamard", existing.hadamard, hadamard), ("weight format", existing.format, fmt)]
+            if fmt == "nvfp4":
+                checks.append(("weight_scales", existing.scale_rule, scale_rule))
+            for name, had, want in checks:
                 if had != want:
                     raise WeightStoreError(
                         f"sixbit: a weight of shape {tuple(param.shape)} was already quantized with "
@@ -139,7 +155,7 @@ class WeightStore:
             return existing
         if param.untyped_storage().nbytes() == 0 and param.numel() > 0:
             raise WeightStoreError("sixbit: a weight's storage is empty and it is not in the weight store")
-        qw = quantize_weight(param, hadamard, fmt)
+        qw = quantize_weight(param, hadamard, fmt, scale_rule)
         key = id(param)
         ref = weakref.ref(param, lambda _r, key=key: self._forget(key))
         with self._lock:

@@ -55,6 +55,7 @@ def test_values_are_parsed():
         ({"include": 3}, "include"),
         ({"exclude": ["ok", 4]}, "exclude"),
         ({"int8_weights": 5}, "int8_weights"),
+        ({"weight_scales": "max"}, "weight_scales"),
         ({"passes": {"no_such_pass": False}}, "passes"),
         ({"passes": ["find_blocks"]}, "passes"),
         ({"passes": {"find_blocks": "off"}}, "passes"),

@@ -118,15 +118,37 @@ def test_int8_weights_pattern_stores_those_layers_as_per_channel_int8():
     assert out.isfinite().all()
 
 
-def test_a_released_weight_is_not_requantized_in_another_format():
+@pytest.mark.parametrize("second, message", [
+    ({"int8_weights": ["*"]}, "weight format 'nvfp4'"),
+    ({"weight_scales": "amax"}, "weight_scales 'mse'"),
+])
+def test_a_released_weight_is_not_requantized_differently(second, message):
     from sixbit_compiler.weight_store import WeightStoreError
 
     model = scratch_dit(depth=1)
     gm, ex = capture(model, torch.randn(2, 10, 8), torch.tensor([1.0, 1.0]))
     run_passes(gm, ex)
     gm, ex = capture(model, torch.randn(2, 10, 8), torch.tensor([1.0, 1.0]))
-    with pytest.raises(WeightStoreError, match="weight format 'nvfp4'"):
-        run_passes(gm, ex, int8_weights=["*"])
+    with pytest.raises(WeightStoreError, match=message):
+        run_passes(gm, ex, **second)
+
+
+@pytest.mark.parametrize("rule", ["mse", "amax"])
+def test_weight_scales_option_picks_the_nvfp4_block_scale_rule(rule):
+    from sixbit_compiler.formats import quantize_nvfp4
+
+    model = scratch_dit(depth=1)
+    originals = {name: m.weight.detach().clone() for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    gm, ex = capture(model, torch.randn(2, 10, 8), torch.tensor([1.0, 1.0]))
+    _, ctx, *_ = run_passes(gm, ex, weight_scales=rule)
+    by_path = dict(model.named_modules())
+    quantized = [li.path for li in ctx.linears if li.status == "quantized"]
+    assert quantized
+    for path in quantized:
+        qw = STORE.get(by_path[path].weight)
+        packed, scales, _ = quantize_nvfp4(originals[path], scale_search=rule == "mse")
+        assert qw.scale_rule == rule
+        assert torch.equal(qw.packed, packed) and torch.equal(qw.block_scales.view(torch.uint8), scales.view(torch.uint8))
 
 
 def test_without_blocks_nothing_is_quantized():

@@ -65,8 +65,58 @@ def _unpack(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
-def quantize_nvfp4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+#: Block scales tried by ``quantize_nvfp4(..., scale_search=True)``: the amax rule's e4m3 scale
+#: moved by these many e4m3 steps (positive e4m3 bit patterns are ordered like their values;
+#: one step is 1/8 to 1/16 of an octave). 0 comes first, so ties keep the amax rule. Going up
+#: to +6 (the block's amax lands near 3.5 instead of 6) trades a coarser top for finer small
+#: values; -1 clips the amax a little. On the reference model's weights this range gave
+#: 21.8 dB mean SQNR against the amax rule's 20.3 dB (0..+4: 21.3 dB; -3..+6: 21.8 dB).
+SCALE_SEARCH_STEPS = (0, -1, 1, 2, 3, 4, 5, 6)
+
+
+def _encode_blocks(blocks: torch.Tensor, block_scales: torch.Tensor, ts_safe: torch.Tensor) -> torch.Tensor:
+    """fp32 blocks [..., nb, 16] and their e4m3 block scales -> e2m1 codes [..., nb, 16]."""
+    denom = (block_scales.to(torch.float32) * ts_safe).unsqueeze(-1)
+    safe_denom = torch.where(denom > 0, denom, torch.ones_like(denom))  # NaN compares False too
+    inv = torch.ones_like(safe_denom) / safe_denom  # one IEEE division per block; kernels do the same
+    scaled = torch.where(denom > 0, blocks * inv, torch.zeros_like(blocks))
+    return _encode_e2m1(scaled)
+
+
+def _search_block_scales(
+    blocks: torch.Tensor, amax_scales: torch.Tensor, ts_safe: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block, the e4m3 scale among ``SCALE_SEARCH_STEPS`` around the amax rule's that
+    minimises the block's squared decoding error; returns ``(block_scales, codes)``."""
+    base_bits = amax_scales.view(torch.uint8).to(torch.int16)
+    nan_block = torch.isnan(amax_scales.to(torch.float32))
+    best_scales = best_codes = best_err = None
+    for step in SCALE_SEARCH_STEPS:
+        # 0x7E is 448, the largest finite e4m3 (0x7F is NaN)
+        scales = (base_bits + step).clamp_(0, 0x7E).to(torch.uint8).view(torch.float8_e4m3fn)
+        scales = torch.where(nan_block, amax_scales, scales)
+        codes = _encode_blocks(blocks, scales, ts_safe)
+        decoded = _decode_e2m1(codes) * (scales.to(torch.float32) * ts_safe).unsqueeze(-1)
+        err = (decoded - blocks).square().sum(dim=-1)
+        if best_err is None:
+            best_scales, best_codes, best_err = scales, codes, err
+        else:
+            better = err < best_err  # strict: ties keep the earlier (amax-rule-first) candidate
+            best_err = torch.where(better, err, best_err)
+            best_scales = torch.where(better, scales, best_scales)
+            best_codes = torch.where(better.unsqueeze(-1), codes, best_codes)
+    return best_scales, best_codes
+
+
+def quantize_nvfp4(
+    x: torch.Tensor, scale_search: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize ``x`` (any float dtype, any strides) to NVFP4 along its last dimension.
+
+    ``scale_search=False`` (activations, and what the kernels compute) takes each block scale
+    from the block's amax. ``scale_search=True`` (weights, quantized once) then tries the e4m3
+    scales a few steps around it (``SCALE_SEARCH_STEPS``) and keeps, per block, the one with
+    the smallest squared error. Either way the result is ordinary NVFP4: decoding is unchanged.
 
     Returns ``(packed uint8 [..., Kp/2], block_scales float8_e4m3fn [..., Kp/16],
     tensor_scale fp32 scalar)``.
@@ -84,11 +134,11 @@ def quantize_nvfp4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     scale_f32 = torch.where(block_has_nan, torch.full_like(scale_f32, float("nan")), scale_f32)
     block_scales = scale_f32.to(torch.float8_e4m3fn)
 
-    denom = (block_scales.to(torch.float32) * ts_safe).unsqueeze(-1)
-    safe_denom = torch.where(denom > 0, denom, torch.ones_like(denom))  # NaN compares False too
-    inv = torch.ones_like(safe_denom) / safe_denom  # one IEEE division per block; kernels do the same
-    scaled = torch.where(denom > 0, blocks * inv, torch.zeros_like(blocks))
-    codes = _encode_e2m1(scaled).reshape(xf.shape)
+    if scale_search:
+        block_scales, codes = _search_block_scales(blocks, block_scales, ts_safe)
+    else:
+        codes = _encode_blocks(blocks, block_scales, ts_safe)
+    codes = codes.reshape(xf.shape)
     packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
     return packed.contiguous(), block_scales.contiguous(), tensor_scale.to(torch.float32)
 

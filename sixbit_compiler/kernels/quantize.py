@@ -20,8 +20,9 @@ import triton.language as tl
 
 from ..formats._common import div_exact
 from . import interpreting
-from ._common import (NO_FMA, e2m1_round, encode_rows, encode_rows_hw, fp8_rows, int8_rows, is_nan, round_to_e4m3,
-                      row_tiling, saturate, where_nan)
+from ._common import (MAX_CHUNK, NO_FMA, e2m1_round, encode_rows, encode_rows_hw, fp8_rows, int8_rows, is_nan,
+                      round_to_e4m3, row_tiling, saturate, where_nan)
+from .gemm import autotune_kwargs, single_config
 
 _F4_MAX, _F8_MAX = 6.0, 448.0
 
@@ -82,6 +83,39 @@ def _rows_kernel(
     tl.store(abssum_ptr + rows, abssum, mask=row_ok)
 
 
+#: Tilings of rows wider than MAX_CHUNK, (rows per program, chunk width, warps), autotuned per K.
+#: On the H100 (INT8, ``benchmarks/kernels.py --quant-sweep``, GB/s of minimum traffic against
+#: a 3,020 GB/s copy) the best was (8, 512, 8) at K = 1536 (2,390), (2, 2048, 8) at 8960 (2,330),
+#: (1, 2048, 4) at 5120 (2,430) and (1, 2048, 8) at 13824 (2,130). The first entry, the choice
+#: without autotuning, was within 5 % of the best at every K above 2048. Short rows want many
+#: rows per program, long ones wide chunks and few rows: the second pass re-reads a program's
+#: rows from L2, so its footprint must stay small (the old rule, up to 16 rows of 256-1024
+#: chunks, ran 1,490-1,880 GB/s). Whole rows held in registers (padded to a power of two)
+#: reached only 900-1,460 GB/s.
+ROW_TILINGS = ((2, 2048, 8), (8, 512, 8), (4, 512, 4), (1, 2048, 8), (1, 2048, 4))
+
+
+def _prune_row_tilings(configs, named_args, **kwargs):
+    """Chunks narrower than the row (a wider one would be the row padded: the one-chunk path)."""
+    return [c for c in configs if c.kwargs["BLOCK_K"] < named_args["K"]] or configs[-1:]
+
+
+_rows_autotuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w) for bm, bk, w in ROW_TILINGS],
+    key=["K", "FP8"],
+    **{**autotune_kwargs(), "prune_configs_by": {"early_config_prune": _prune_row_tilings}},
+)(_rows_kernel)
+
+
+def _untuned_row_tiling(k: int) -> tuple[int, int, int, bool]:
+    """The tiling without autotuning (interpreter, SIXBIT_GEMM_AUTOTUNE=0): a row up to
+    MAX_CHUNK in one tile, a wider one by the first of ROW_TILINGS with a narrower chunk."""
+    if k <= MAX_CHUNK:
+        return row_tiling(k)
+    block_m, block_k, warps = next((t for t in ROW_TILINGS if t[1] < k), ROW_TILINGS[-1])
+    return block_m, block_k, warps, False
+
+
 def _quantize_rows(x: torch.Tensor, fp8: bool):
     assert x.dim() == 2 and x.stride(1) == 1
     m, k = x.shape
@@ -89,11 +123,14 @@ def _quantize_rows(x: torch.Tensor, fp8: bool):
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     amax = torch.empty((m,), dtype=torch.float32, device=x.device)
     abssum = torch.empty((m,), dtype=torch.float32, device=x.device)
-    block_m, block_k, warps, one = row_tiling(k)
-    _rows_kernel[(triton.cdiv(m, block_m),)](
-        x, q, scale, amax, abssum, m, k, x.stride(0), q.stride(0), torch.finfo(x.dtype).max,
-        FP8=fp8, BLOCK_M=block_m, BLOCK_K=block_k, ONE_CHUNK=one, HW_CVT=not interpreting(), num_warps=warps, **NO_FMA,
-    )
+    args = (x, q, scale, amax, abssum, m, k, x.stride(0), q.stride(0), torch.finfo(x.dtype).max)
+    flags = dict(FP8=fp8, HW_CVT=not interpreting(), **NO_FMA)
+    if k > MAX_CHUNK and not single_config():
+        _rows_autotuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](*args, ONE_CHUNK=False, **flags)
+    else:
+        block_m, block_k, warps, one = _untuned_row_tiling(k)
+        _rows_kernel[(triton.cdiv(m, block_m),)](*args, BLOCK_M=block_m, BLOCK_K=block_k, ONE_CHUNK=one,
+                                                 num_warps=warps, **flags)
     return (q.view(torch.float8_e4m3fn) if fp8 else q), scale, amax, abssum
 
 
