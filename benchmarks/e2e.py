@@ -33,6 +33,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import time
 import traceback
 
@@ -153,6 +154,12 @@ def option_overrides(items: list[str]) -> dict:
     return options
 
 
+def split_modes(text: str) -> list[str]:
+    """--modes split at its commas, except those inside a JSON list of an override
+    (``int8_weights=["blocks.?.attn1.to_k","blocks.1?.attn1.to_k"]``)."""
+    return [m for m in re.split(r",(?![^\[]*\])", text) if m]
+
+
 def prepare(mode, model, device, num_blocks):
     """The model as the mode runs it, plus a post-compile hook. A sixbit mode may end in
     "@host" or "@device": where its block cache lives (option cache_location), and carry
@@ -271,10 +278,11 @@ def main(argv=None):
               "card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "sdpa": "default backend (cuDNN on torch 2.11 + H100)" if device.type == "cuda" else "default", "modes": {}}
     reference = None
-    if args.reference and os.path.exists(args.reference) and "bf16_eager" not in args.modes.split(","):
+    modes = split_modes(args.modes)
+    if args.reference and os.path.exists(args.reference) and "bf16_eager" not in modes:
         reference = torch.load(args.reference)
         report["reference"] = args.reference
-    for mode in args.modes.split(","):
+    for mode in modes:
         torch._dynamo.reset()
         try:
             result, latents, fidelity = run_mode(mode, args.workload, args.steps, device, args.memory_breakdown)

@@ -16,6 +16,7 @@ Also counts the wgmma instructions in the PTX Triton generated.
     python benchmarks/kernels.py [--shapes 1536x1536,5120x5120] [--m 32760]
     python benchmarks/kernels.py --gemm-sweep   # every autotuning config of the GEMM template
     python benchmarks/kernels.py --quant-sweep  # tilings of the per-token INT8 / FP8 quantization
+    python benchmarks/kernels.py --quant-bytes  # HBM bytes of one quantization (Nsight Compute)
 
 ``--gemm-sweep`` times each config of the INT8, FP8 and bf16 GEMM template directly (one
 program per tile against persistent programs), next to cuBLAS bf16 and FP8 in the same process.
@@ -126,14 +127,15 @@ def quant_sweep(x):
     """The per-token quantization kernel under each tiling, timed alone (GB/s of its minimum
     traffic: read 2 B, write 1 B an element): whole rows in registers (one chunk, the row
     padded to a power of two) against rows in chunks re-read from L2, each over rows per
-    program and warps. Checks every config's INT8 codes against the shipped tiling's."""
-    from sixbit_compiler.kernels._common import NO_FMA, row_tiling
-    from sixbit_compiler.kernels.quantize import _rows_kernel, quantize_int8_rows
+    program and warps. Checks every config's INT8 codes against the shipped kernel's."""
+    from sixbit_compiler.kernels._common import NO_FMA
+    from sixbit_compiler.kernels.quantize import _rows_kernel, _untuned_row_tiling, quantize_int8_rows
 
     m, k = x.shape
     ref_q, ref_s, _, _ = quantize_int8_rows(x)
     traffic = m * k * 3
-    r = {"shipped_tiling": list(row_tiling(k)), "shipped_GBps": traffic / bench(lambda: quantize_int8_rows(x)) / 1e9}
+    # the shipped kernel autotunes; its tiling without autotuning is recorded beside it
+    r = {"untuned_tiling": list(_untuned_row_tiling(k)), "shipped_GBps": traffic / bench(lambda: quantize_int8_rows(x)) / 1e9}
     q = torch.empty(m, k, dtype=torch.int8, device=x.device)
     scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     amax = torch.empty(m, dtype=torch.float32, device=x.device)
@@ -165,6 +167,42 @@ def quant_sweep(x):
     return r
 
 
+def quant_bytes_child(m: int, k: int):
+    """One per-token INT8 quantization of an [m, k] bf16 activation between cudaProfilerStart and
+    Stop (after the autotuning and a warm-up call), for ``ncu --profile-from-start off``."""
+    from sixbit_compiler.kernels.quantize import quantize_int8_rows
+
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    for _ in range(2):
+        quantize_int8_rows(x)
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    quantize_int8_rows(x)
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+
+
+def quant_bytes(m: int, k: int, timeout: int = 240) -> dict:
+    """HBM bytes read and written by the quantization kernel, against its minimum (read the
+    bf16 activation once, write the INT8 codes): is the second pass served by L2?"""
+    import sys
+
+    cmd = ["ncu", "--profile-from-start", "off", "--csv", "--metrics", "dram__bytes_read.sum,dram__bytes_write.sum",
+           sys.executable, os.path.abspath(__file__), "--quant-bytes-child", f"{m}x{k}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    found = {}
+    for line in done.stdout.splitlines():
+        cells = [c.strip('"') for c in line.split('","')]
+        if len(cells) > 3 and cells[-3] in ("dram__bytes_read.sum", "dram__bytes_write.sum"):
+            unit = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}.get(cells[-2], 1)
+            found[cells[-3]] = found.get(cells[-3], 0.0) + float(cells[-1].replace(",", "")) * unit
+    if len(found) != 2:
+        return {"error": f"ncu printed no metrics (rc {done.returncode}): {done.stderr[-400:]}"}
+    read, written = found["dram__bytes_read.sum"], found["dram__bytes_write.sum"]
+    return {"read_bytes": read, "written_bytes": written, "read_over_minimum": read / (m * k * 2),
+            "written_over_minimum": written / (m * k)}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", type=int, default=32760)
@@ -172,7 +210,11 @@ def main():
     ap.add_argument("--quant-only", action="store_true", help="only the quantization and decode kernels")
     ap.add_argument("--gemm-sweep", action="store_true", help="only the GEMMs: every template config, timed alone")
     ap.add_argument("--quant-sweep", action="store_true", help="only the per-token quantization: tilings, timed alone")
+    ap.add_argument("--quant-bytes", action="store_true", help="only the per-token quantization's HBM bytes (ncu)")
+    ap.add_argument("--quant-bytes-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.quant_bytes_child:
+        return quant_bytes_child(*map(int, args.quant_bytes_child.split("x")))
     out_dir = os.environ.get("OUT", "out")
     os.makedirs(out_dir, exist_ok=True)
 
@@ -209,11 +251,17 @@ def main():
         bias = torch.randn(n, device=dev, dtype=torch.bfloat16, generator=g)
         flops = 2.0 * m * n * k
         r = {}
+        if args.quant_bytes:
+            r = quant_bytes(m, k)
+            res["shapes"][shape] = r
+            save()
+            print(shape, r, flush=True)
+            continue
         if args.quant_sweep:
             r = quant_sweep(x)
             res["shapes"][shape] = r
             save()
-            print(f"{shape}: shipped {r['shipped_GBps']:.0f} GB/s {r['shipped_tiling']}; best int8 {r['int8']['best']}, "
+            print(f"{shape}: shipped {r['shipped_GBps']:.0f} GB/s (untuned {r['untuned_tiling']}); best int8 {r['int8']['best']}, "
                   f"fp8 {r['fp8']['best']} (copy {res['copy_GBps']:.0f} GB/s)", flush=True)
             continue
         if args.quant_only:

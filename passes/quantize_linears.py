@@ -20,8 +20,9 @@ kept or not, gets a row in ``ctx.linears`` with the reason.
 Guarantees, for each quantized linear:
 * one ``torch._C._nn.linear`` node is replaced by one ``sixbit.quantized_linear``
   node with the same meta (module stack, example value);
-* its weight is quantized once into the global weight store (NVFP4, or per-channel
-  INT8 when its path matches an ``int8_weights`` glob; one copy), and three
+* its weight is quantized once into the global weight store (NVFP4 with block scales
+  chosen by ``weight_scales``, or per-channel INT8 when its path matches an
+  ``int8_weights`` glob; one copy), and three
   placeholders (codes, scales, tensor scale) are added,
   shared by every linear that reads the same weight; the runtime fills them per
   call from the Parameter that Dynamo passes, so one graph never bakes in one

@@ -53,7 +53,7 @@ class SharedBody:
     def __init__(self, gm: fx.GraphModule, lowering: str):
         self.gm = gm
         self.lowering = lowering
-        self._compiled = None
+        self._compiled: dict[tuple, object] = {}
 
     def __call__(self, *args):
         # Inductor specializes on its example inputs' strides, but a block's input may be a
@@ -61,14 +61,19 @@ class SharedBody:
         # video sequence) and a fresh contiguous tensor when that block was skipped. One layout,
         # contiguous, serves both (a no-op for inputs that already are).
         args = tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
-        if self._compiled is None:
-            if self.lowering == "inductor":
-                from torch._inductor.compile_fx import compile_fx
+        if self.lowering != "inductor":
+            return self.gm(*args)
+        # Blocks of one structure may still differ in their inputs' dtypes and shapes: a weight
+        # stored as INT8 in some blocks and NVFP4 in others (``int8_weights`` naming a subset of
+        # the blocks). Inductor's code is valid for its example inputs' sizes only, so each
+        # input signature gets its own compile (one per weight format, in practice).
+        signature = tuple((a.dtype, a.shape) if isinstance(a, torch.Tensor) else None for a in args)
+        compiled = self._compiled.get(signature)
+        if compiled is None:
+            from torch._inductor.compile_fx import compile_fx
 
-                self._compiled = compile_fx(self.gm, list(args))
-            else:
-                self._compiled = self.gm
-        return self._compiled(*args)
+            compiled = self._compiled[signature] = compile_fx(self.gm, list(args))
+        return compiled(*args)
 
 
 class BlockRunner(torch.nn.Module):

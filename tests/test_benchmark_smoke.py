@@ -60,6 +60,13 @@ def test_e2e_mode_overrides_parse_json_or_keep_strings():
         overrides(["int8_weights"])
 
 
+def test_e2e_modes_split_at_commas_outside_json_lists():
+    split = benchmark("e2e").split_modes
+    assert split('bf16_eager,sixbit_int8+int8_weights=["blocks.?.attn1.to_k","blocks.1?.attn1.to_k"]@host,inductor') == [
+        "bf16_eager", 'sixbit_int8+int8_weights=["blocks.?.attn1.to_k","blocks.1?.attn1.to_k"]@host', "inductor"]
+    assert split("a,b,") == ["a", "b"]
+
+
 def test_memory_peak_replay():
     peak_from_trace = benchmark("memory_peak").peak_from_trace
     frame = [{"filename": "/x/site-packages/torch/nn/functional.py", "line": 1, "name": "linear"},

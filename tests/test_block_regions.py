@@ -324,3 +324,22 @@ def test_inductor_bodies_take_strided_and_contiguous_block_inputs_alike():
         outs = [compiled(**{**inp, "timestep": torch.tensor([t])})[0] for t in (900, 800, 700)]
     assert [c["skipped_blocks"] for c in sixbit_compiler.stats(model)["calls"][-3:]] == [[], [1, 3], [1, 3]]
     assert all(o.isfinite().all() for o in outs)
+
+
+def test_inductor_bodies_take_blocks_whose_weights_differ_in_format():
+    """``int8_weights`` naming some blocks only: one block structure, two weight formats (INT8
+    codes [N, K] against NVFP4 [N, K/2]). The shared Inductor body, valid only for its example
+    inputs' sizes, must compile once per input signature (found on the H100: W-14B with
+    ``int8_weights`` on the first 20 of 40 blocks)."""
+    torch._dynamo.reset()
+    inp = wan_inputs()
+    outs = {}
+    for lowering in ("eager", "inductor"):
+        torch._dynamo.reset()
+        compiled = torch.compile(tiny_wan(num_layers=3), backend="sixbit",
+                                 options={"activation": "int8", "block_cache": True, "cache_policy": "none",
+                                          "lowering": lowering, "int8_weights": "blocks.0.attn1.to_k"})
+        with torch.no_grad():
+            outs[lowering] = compiled(**inp)[0]
+    assert outs["inductor"].isfinite().all()
+    torch.testing.assert_close(outs["inductor"], outs["eager"], rtol=2e-2, atol=2e-2)

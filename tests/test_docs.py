@@ -21,7 +21,12 @@ def test_ci_runs_the_readme_test_command():
 
 def test_linked_docs_exist():
     for link in re.findall(r"\]\((docs/[^)]+)\)", read("README.md")):
-        assert os.path.exists(os.path.join(ROOT, link)), link
+        path, _, anchor = link.partition("#")
+        assert os.path.exists(os.path.join(ROOT, path)), link
+        if anchor:  # GitHub's heading anchors: lower case, spaces to hyphens, punctuation dropped
+            headings = re.findall(r"^#+ (.+)$", read(path), re.M)
+            slugs = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+            assert anchor in slugs, link
 
 
 def test_passes_and_codegen_install_inside_the_package():

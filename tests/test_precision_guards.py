@@ -58,7 +58,9 @@ def test_gamma_output_is_the_block_input_output_difference():
         compiled(**wan_inputs())
         compiled(**wan_inputs(timestep=400))  # the second call reads the first call's Γ
     gamma0 = sixbit_compiler.stats(compiled)["calls"][0]["block_stats"][0][0]
-    assert gamma0 == pytest.approx(expected, rel=0.02)  # NVFP4 weights vs bf16: close, not equal
+    # NVFP4 weights vs bf16: close, not equal (1.2 % off with the amax rule's block scales, 2.3 %
+    # with the searched ones)
+    assert gamma0 == pytest.approx(expected, rel=0.04)
 
 
 def test_stats_output_never_reaches_the_caller_and_costs_no_extra_sync():
@@ -248,7 +250,9 @@ def test_calibrate_end_to_end_on_a_sampling_loop(tmp_path):
                               "attn2.to_v", "attn2.to_out.0", "ffn.net.0.proj", "ffn.net.2"}
     # 4 generations x (4 steps - 1) x 2 branches samples per layer, 2 layers per kind
     assert all(f.n == 4 * 3 * 2 * 2 for f in cal.kinds.values())
-    assert all(0 < f.predict(0.5) < 1 for f in cal.kinds.values())  # NVFP4 relative errors are percents
+    # NVFP4 relative errors are percents, predicted at this model's Γ (~0.22; a slope fitted on
+    # 48 samples of a random model may be negative, so not far outside that range)
+    assert all(0 < f.predict(0.25) < 1 for f in cal.kinds.values())
     assert cal.mode in ("kind", "layer") and set(cal.held_out) == {"kind", "layer"}
     assert Calibration.load(str(tmp_path / "c.json")).kinds == cal.kinds
     assert (tmp_path / "c.png").stat().st_size > 0
