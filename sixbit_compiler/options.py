@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import torch
 
 from .formats import Precision
+from .weight_store import WEIGHT_SCALE_RULES
 
 log = logging.getLogger("sixbit")
 
@@ -23,7 +24,7 @@ LOWERINGS = ("auto", "eager", "inductor")
 CACHE_DTYPES = ("activation", "int8", "fp8")
 CACHE_LOCATIONS = ("auto", "device", "host")
 ATTENTIONS = ("exact", "int8")
-WEIGHT_SCALES = ("mse", "amax")
+WEIGHT_SCALES = WEIGHT_SCALE_RULES  # the weight store's rules, named by the option
 
 
 #: Named presets: the method's knobs at three points of the speed / fidelity trade-off.

@@ -66,7 +66,7 @@ class QuantizedWeight:
     source_dtype: torch.dtype
     source_nbytes: int
     format: str = "nvfp4"
-    scale_rule: str = "amax"  # NVFP4 only; see WEIGHT_SCALE_RULES
+    scale_rule: str = "mse"  # how NVFP4 block scales were chosen (WEIGHT_SCALE_RULES); unused for INT8
 
     @property
     def block_scales_bits(self) -> torch.Tensor:
@@ -106,7 +106,7 @@ def quantize_weight(
         source_dtype=w.dtype,
         source_nbytes=w.numel() * w.element_size(),
         format=fmt,
-        scale_rule=scale_rule if fmt == "nvfp4" else "amax",
+        scale_rule=scale_rule,
     )
 
 
