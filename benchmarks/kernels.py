@@ -190,15 +190,12 @@ def quant_bytes(m: int, k: int, timeout: int = 240) -> dict:
     cmd = ["ncu", "--profile-from-start", "off", "--csv", "--metrics", "dram__bytes_read.sum,dram__bytes_write.sum",
            sys.executable, os.path.abspath(__file__), "--quant-bytes-child", f"{m}x{k}"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    found = {}
-    for line in done.stdout.splitlines():
-        cells = [c.strip('"') for c in line.split('","')]
-        if len(cells) > 3 and cells[-3] in ("dram__bytes_read.sum", "dram__bytes_write.sum"):
-            unit = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}.get(cells[-2], 1)
-            found[cells[-3]] = found.get(cells[-3], 0.0) + float(cells[-1].replace(",", "")) * unit
-    if len(found) != 2:
+    from block import parse_ncu_csv  # the block benchmark's reader of ncu's CSV
+
+    found = parse_ncu_csv(done.stdout, calls=1)
+    if found is None:
         return {"error": f"ncu printed no metrics (rc {done.returncode}): {done.stderr[-400:]}"}
-    read, written = found["dram__bytes_read.sum"], found["dram__bytes_write.sum"]
+    read, written = found["read"], found["written"]
     return {"read_bytes": read, "written_bytes": written, "read_over_minimum": read / (m * k * 2),
             "written_over_minimum": written / (m * k)}
 
