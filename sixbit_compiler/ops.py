@@ -1,5 +1,6 @@
 """The custom ops the passes insert: ``sixbit::quantized_linear`` (``quantize_linears``),
 ``sixbit::linear_epilogue`` and ``sixbit::region_kernel`` (``lower_regions``, generated kernels),
+``sixbit::region_kernel_int8`` (``quantize_prologues``),
 ``sixbit::residual_abs_sums`` (``precision_guards``), ``sixbit::quantized_attention``
 (``quantize_attention``).
 
@@ -24,7 +25,7 @@ from typing import Optional
 import torch
 
 from .formats import Precision
-from .reference import quantized_linear_reference, reference_scales
+from .reference import quantized_linear_reference, reference_scales, stored_k
 
 #: Set SIXBIT_KERNELS=0 to run the reference path on GPU too (debugging, A/B checks).
 KERNELS_ENV = "SIXBIT_KERNELS"
@@ -51,6 +52,8 @@ def quantized_linear(
     slot: int,
     in_features: int,
     hadamard: bool,
+    x_codes: Optional[torch.Tensor] = None,
+    x_scales: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """y = x · W_nvfp4ᵀ + bias, activations at precision ``precision_slots[slot]``.
 
@@ -60,6 +63,10 @@ def quantized_linear(
     as raw uint8 bits, the convention Triton kernels use too. A weight stored as
     per-channel INT8 (``int8_weights``) comes as int8 codes [N, Kp], fp32 channel scales
     [N, 1] and an unused 1.0 (``weight_store.QuantizedWeight``).
+
+    ``x_codes`` / ``x_scales`` (``quantize_prologues``): x's per-token INT8 codes and scales,
+    written by the kernel that produced x whenever this call's precision is INT8. An INT8
+    call on the kernels then skips quantizing x; every other path reads x itself.
     """
     precision = Precision(int(precision_slots[slot]))
     if CALIBRATION_RECORDER is not None:
@@ -67,7 +74,9 @@ def quantized_linear(
     if x.is_cuda and use_kernels():
         from .kernels import dispatch
 
-        out = dispatch.quantized_linear(x, w_packed, w_block_scales, w_tensor_scale, bias, precision, in_features, hadamard)
+        codes = (x_codes, x_scales) if precision == Precision.INT8 and x_codes is not None else None
+        out = dispatch.quantized_linear(x, w_packed, w_block_scales, w_tensor_scale, bias, precision, in_features, hadamard,
+                                        x_int8=codes)
         if out is not None:
             return out
     scales = reference_scales(w_packed, w_block_scales)
@@ -75,7 +84,8 @@ def quantized_linear(
 
 
 @quantized_linear.register_fake
-def _quantized_linear_fake(x, w_packed, w_block_scales, w_tensor_scale, bias, precision_slots, slot, in_features, hadamard):
+def _quantized_linear_fake(x, w_packed, w_block_scales, w_tensor_scale, bias, precision_slots, slot, in_features, hadamard,
+                           x_codes=None, x_scales=None):
     torch._check(x.shape[-1] == in_features, lambda: f"quantized_linear: expected {in_features} input features")
     return x.new_empty((*x.shape[:-1], w_packed.shape[0]))
 
@@ -96,6 +106,8 @@ def linear_epilogue(
     hadamard: bool,
     key: str,
     extras: list[torch.Tensor],
+    x_codes: Optional[torch.Tensor] = None,
+    x_scales: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """A quantized linear and its elementwise epilogue chain (``lower_regions``), registered
     under ``key`` in ``sixbit_compiler.codegen.gemm.REGISTRY``; ``extras`` are the chain's
@@ -103,7 +115,8 @@ def linear_epilogue(
 
     INT8 and FP8 calls run one generated kernel: the GEMM with the chain as its epilogue.
     NVFP4 and bf16 calls (DMPQ may pick NVFP4 for this call) run ``quantized_linear`` and then
-    the chain as its own generated kernel: the same values either way.
+    the chain as its own generated kernel: the same values either way. ``x_codes`` /
+    ``x_scales`` are as for ``quantized_linear``.
     """
     from .codegen.gemm import REGISTRY, run_gemm_epilogue
     from .codegen.pointwise import run_pointwise
@@ -114,19 +127,23 @@ def linear_epilogue(
         from .kernels import dispatch
 
         if dispatch.unsupported_reason(x, precision) is None:
-            x2d = dispatch.gemm_input(x, w_packed, in_features, hadamard, precision)
-            operands = dispatch.ONE_BYTE_OPERANDS[precision](x2d, w_packed, w_block_scales, w_tensor_scale)
+            if precision == Precision.INT8 and x_codes is not None and not hadamard and x_codes.shape[-1] == stored_k(w_packed):
+                operands = dispatch.int8_operands_from_codes(x_codes, x_scales, w_packed, w_block_scales, w_tensor_scale)
+            else:
+                x2d = dispatch.gemm_input(x, w_packed, in_features, hadamard, precision)
+                operands = dispatch.ONE_BYTE_OPERANDS[precision](x2d, w_packed, w_block_scales, w_tensor_scale)
             out = run_gemm_epilogue(kernel, *operands, bias, extras, tuple(x.shape[:-1]))
             if out is not None:
                 return out
-    y = quantized_linear(x, w_packed, w_block_scales, w_tensor_scale, bias, precision_slots, slot, in_features, hadamard)
+    y = quantized_linear(x, w_packed, w_block_scales, w_tensor_scale, bias, precision_slots, slot, in_features, hadamard,
+                         x_codes, x_scales)
     tensors = dict(zip(kernel.inputs, extras), **{kernel.gemm: y})
     return run_pointwise(kernel.alone, *(tensors[name] for name in kernel.alone.inputs))
 
 
 @linear_epilogue.register_fake
 def _linear_epilogue_fake(x, w_packed, w_block_scales, w_tensor_scale, bias, precision_slots, slot, in_features,
-                          hadamard, key, extras):
+                          hadamard, key, extras, x_codes=None, x_scales=None):
     from .codegen.gemm import REGISTRY
 
     torch._check(x.shape[-1] == in_features, lambda: f"linear_epilogue: expected {in_features} input features")
@@ -167,6 +184,29 @@ def _region_kernel_fake(key, inputs):
 
 
 REGION_KERNEL = torch.ops.sixbit.region_kernel.default
+
+
+@torch.library.custom_op("sixbit::region_kernel_int8", mutates_args=())
+def region_kernel_int8(
+    key: str, inputs: list[torch.Tensor], precision_slots: torch.Tensor, slots: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``region_kernel`` for a row kernel (a prologue with a norm) whose output feeds quantized
+    GEMMs only (``quantize_prologues``): returns (output, its per-token INT8 codes, their fp32
+    scales [..., 1]). The codes are written when any of the GEMMs' ``slots`` reads INT8 this
+    call, and left unwritten otherwise: a GEMM reads them only when its own precision is INT8."""
+    from .codegen.pointwise import REGISTRY, run_row_kernel_int8
+
+    quantize = any(Precision(int(precision_slots[s])) == Precision.INT8 for s in slots)
+    return run_row_kernel_int8(REGISTRY[key], *inputs, quantize=quantize)
+
+
+@region_kernel_int8.register_fake
+def _region_kernel_int8_fake(key, inputs, precision_slots, slots):
+    out = _region_kernel_fake(key, inputs)
+    return out, out.new_empty(out.shape, dtype=torch.int8), out.new_empty((*out.shape[:-1], 1), dtype=torch.float32)
+
+
+REGION_KERNEL_INT8 = torch.ops.sixbit.region_kernel_int8.default
 
 
 @torch.library.custom_op("sixbit::residual_abs_sums", mutates_args=())

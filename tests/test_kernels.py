@@ -119,19 +119,26 @@ def test_nvfp4_values_all_zero():
     assert float(ts) == 0 and (values == 0).all()
 
 
-@pytest.mark.parametrize("n, k", [(40, 200), (1, 16), (33, 1024), (5, 1552)])  # the last: chunked rows
-def test_weight_decode_matches_spec(n, k):
+@pytest.mark.parametrize("n, k", [(40, 200), (1, 16), (33, 1024), (5, 1552), (3, 4112)])  # the last two: several tiles a row
+@pytest.mark.parametrize("nasty_rows", [False, True])
+def test_weight_decode_matches_spec(n, k, nasty_rows):
     g = torch.Generator().manual_seed(n * k)
     w = torch.randn(n, k, generator=g) * 0.05
     w[0, 3] = 4.0  # an outlier weight
+    if nasty_rows:
+        w[-1] = 0.0  # an all-zero channel
+        w[0, k // 2] = float("nan")  # a NaN weight: its block scale is NaN, so is its channel's scale
     packed, scales, ts = quantize_nvfp4(w.to(DEV))
     q, s = decode_nvfp4_to_int8(packed, scales.view(torch.uint8), ts)
     ref_q, ref_s = nvfp4_to_int8(packed, scales, ts)
-    assert torch.equal(q, ref_q) and torch.equal(s, ref_s)
-    assert torch.equal(decode_nvfp4_values(packed, scales.view(torch.uint8), torch.float32), nvfp4_block_values(packed, scales))
+    assert torch.equal(q, ref_q) and same(s, ref_s)
+    values = nvfp4_block_values(packed, scales)
+    assert same(decode_nvfp4_values(packed, scales.view(torch.uint8), torch.float32), values)
+    for dtype in (torch.bfloat16, torch.float16):  # exact in both: each element's 16 bits, stored in pairs
+        assert same(decode_nvfp4_values(packed, scales.view(torch.uint8), dtype).float(), values)
     f, fs = decode_nvfp4_to_fp8(packed, scales.view(torch.uint8), ts)
     ref_f, ref_fs = nvfp4_to_fp8(packed, scales, ts)
-    assert torch.equal(fp8_bits(f), fp8_bits(ref_f)) and torch.equal(fs, ref_fs)
+    assert torch.equal(fp8_bits(f), fp8_bits(ref_f)) and same(fs, ref_fs)
 
 
 @pytest.mark.parametrize("m, n, k", [(70, 40, 208), (130, 72, 64), (1, 8, 16)])

@@ -130,6 +130,14 @@ def fp8_rows(x):
 
 
 @triton.jit
+def e4m3_value(bits):
+    """fp32 value of float8_e4m3fn ``bits`` (integer). Its NaN (S.1111.111) is set by hand: the
+    Triton interpreter decodes it as ±480, the GPU's conversion as NaN."""
+    v = bits.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    return where_nan((bits & 0x7F) == 0x7F, v)
+
+
+@triton.jit
 def e2m1_round(mag):
     """Nearest e2m1 magnitude (0, .5, 1, 1.5, 2, 3, 4, 6) of mag >= 0, ties to even, saturating."""
     v = tl.where(mag > 0.25, 0.5, 0.0)

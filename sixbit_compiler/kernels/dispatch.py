@@ -110,6 +110,16 @@ def int8_operands(x2d, w_packed, w_block_scales_bits, w_tensor_scale):
     return xq, xs, wq, ws
 
 
+def int8_operands_from_codes(x_codes, x_scales, w_packed, w_block_scales_bits, w_tensor_scale):
+    """:func:`int8_operands` for an activation its producer already quantized (``x_codes``
+    [..., K] int8, ``x_scales`` [..., 1]): only the weight is decoded."""
+    xq, xs = x_codes.reshape(-1, x_codes.shape[-1]), x_scales.reshape(-1, 1)
+    if w_packed.dtype == torch.int8:
+        return xq, xs, w_packed, w_block_scales_bits
+    wq, ws = decode_nvfp4_to_int8(w_packed, w_block_scales_bits, w_tensor_scale)
+    return xq, xs, wq, ws
+
+
 def fp8_operands(x2d, w_packed, w_block_scales_bits, w_tensor_scale):
     """(x codes, per-token scale, weight codes, per-channel scale) of the FP8 GEMM."""
     xq, xs, _, _ = quantize_fp8_rows(x2d)
@@ -126,9 +136,12 @@ ONE_BYTE_OPERANDS = {Precision.INT8: int8_operands, Precision.FP8: fp8_operands}
 
 def quantized_linear(
     x, w_packed, w_block_scales_bits, w_tensor_scale, bias, precision: Precision, in_features: int, hadamard: bool,
-    float_gemm: str | None = None,
+    float_gemm: str | None = None, x_int8=None,
 ):
     """Kernel path; returns None (after logging once) for a case the kernels do not take.
+
+    ``x_int8``: (codes, scales) of x for an INT8 call, already computed by x's producer
+    (``quantize_prologues``); the call then quantizes nothing.
 
     ``float_gemm`` picks the GEMM of the float tiers ("cublas" / "triton"); by default the
     Triton template for all three, the faster of each pair on the H100 (kernel run 6,
@@ -143,9 +156,14 @@ def quantized_linear(
         return None
     out_dtype = x.dtype
     lead = x.shape[:-1]
-    x2d = gemm_input(x, w_packed, in_features, hadamard, precision)
+    if x_int8 is not None and (precision != Precision.INT8 or hadamard or x_int8[0].shape[-1] != stored_k(w_packed)):
+        x_int8 = None  # codes of the unrotated, unpadded x only (quantize_prologues checks this too)
+    x2d = None if x_int8 is not None else gemm_input(x, w_packed, in_features, hadamard, precision)
 
-    if precision == Precision.INT8:
+    if x_int8 is not None:
+        xq, xs, wq, ws = int8_operands_from_codes(*x_int8, w_packed, w_block_scales_bits, w_tensor_scale)
+        out = scaled_gemm(xq, wq, xs, ws, bias, out_dtype)
+    elif precision == Precision.INT8:
         xq, xs, wq, ws = int8_operands(x2d, w_packed, w_block_scales_bits, w_tensor_scale)
         out = scaled_gemm(xq, wq, xs, ws, bias, out_dtype)
     elif precision == Precision.FP8:
