@@ -51,6 +51,9 @@ MODES = {
     "sixbit_fused": {"activation": "int8", "codegen": True},
     # attention too: INT8 Q·Kᵀ, FP8 P·V (its non-attention part subtracts that attention's time)
     "sixbit_fused_int8_attention": {"activation": "int8", "codegen": True, "attention": "int8"},
+    # the same without the norm prologues writing their GEMMs' INT8 operand (each GEMM quantizes x)
+    "sixbit_fused_int8_attention_gemms_quantize": {"activation": "int8", "codegen": True, "attention": "int8",
+                                                   "passes": {"quantize_prologues": False}},
 }
 
 
@@ -179,7 +182,7 @@ def parse_ncu_csv(text: str, calls: int = 2) -> dict | None:
         if name in total:
             value = float(row["Metric Value"].replace(",", "")) * _UNITS.get(row.get("Metric Unit", "byte"), 1)
             total[name] += value
-            if any(tag in row.get("Kernel Name", "").lower() for tag in ATTENTION_KERNELS):
+            if is_attention_kernel(row.get("Kernel Name", "")):
                 attention[name] += value
             kernels.add(row.get("ID"))
     return {"read": total["dram__bytes_read.sum"] / calls, "written": total["dram__bytes_write.sum"] / calls,
@@ -187,8 +190,32 @@ def parse_ncu_csv(text: str, calls: int = 2) -> dict | None:
             "attention_written": attention["dram__bytes_write.sum"] / calls, "kernels_per_block": len(kernels) / calls}
 
 
+#: sixbit's quantized attention: the kernel and its Q/K and V quantization passes
+SIXBIT_ATTENTION_KERNELS = ("_attention_kernel", "_qk_rows_kernel", "_v_kernel")
+
+
+def is_attention_kernel(name: str) -> bool:
+    """SDPA's kernels and sixbit's attention kernels. Inductor's generated kernels (``triton_*``)
+    are not, even when their fused name mentions the attention they feed (the q/k RMS norms')."""
+    if name.startswith(SIXBIT_ATTENTION_KERNELS):
+        return True
+    return not name.startswith("triton_") and any(tag in name.lower() for tag in ATTENTION_KERNELS)
+
+
+def kernel_split(rows) -> dict:
+    """Per block: the summed kernel time, and its attention / non-attention parts (``rows`` from
+    :func:`top_kernels` with every kernel). A second measure of the non-attention part, beside
+    ``non_attention_s`` (the block's time minus separately timed attention). It undercounts
+    sixbit's attention by the generic PyTorch kernels its op launches (V's amax and amin, K's
+    token mean: ~0.5 ms a W-14B block), which no name tells apart."""
+    attention = sum(r[1] for r in rows if is_attention_kernel(r[0])) * 1e-6
+    total = sum(r[1] for r in rows) * 1e-6
+    return {"kernels_s": total, "attention_kernels_s": attention, "non_attention_kernels_s": total - attention}
+
+
 def top_kernels(call, count=25):
-    """The GPU kernels of one call (two blocks) by total time: [name, µs per block, launches]."""
+    """The GPU kernels of one call (two blocks) by total time: [name, µs per block, launches]
+    (``count`` None: all of them)."""
     from torch.profiler import ProfilerActivity, profile
 
     call()
@@ -276,7 +303,9 @@ def main(argv=None):
                     # what one call adds on top of what is resident (every mode's weights, inputs)
                     entry["activation_peak_gb"] = (torch.cuda.max_memory_allocated() - resident) / 1e9
                     if args.profile:
-                        entry["top_kernels"] = top_kernels(lambda: fn(*inputs))
+                        rows = top_kernels(lambda: fn(*inputs), count=None)
+                        entry["top_kernels"] = rows[:25]
+                        entry.update(kernel_split(rows))
             if MODES[mode] and MODES[mode].get("attention") == "int8":
                 res.setdefault("quantized_attention_s", attention_time(config, tokens, text, device, bench, True))
                 entry["non_attention_s"] = entry["block_s"] - res["quantized_attention_s"]

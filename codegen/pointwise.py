@@ -324,10 +324,9 @@ def _row_quantization_lines(value: str, dtype: torch.dtype) -> list[str]:
     return [
         "    if QUANT:",
         "        # the per-token INT8 of the row just stored, for the GEMMs it feeds (one read less each)",
-        f"        y = saturate(tl.where(mask, {value}, 0.0), {torch.finfo(dtype).max!r})[None, :]",
-        "        q, scale, _, _ = int8_rows(y)",
-        "        tl.store(codes_ptr + i[None, :], q.to(tl.int8), mask=mask[None, :])",
-        "        tl.store(scales_ptr + pid + tl.zeros([1], dtype=tl.int32), scale)",
+        f"        q, scale = int8_row(tl.where(mask, {value}, 0.0), {torch.finfo(dtype).max!r})",
+        "        tl.store(codes_ptr + i, q.to(tl.int8), mask=mask)",
+        "        tl.store(scales_ptr + pid, scale)",
     ]
 
 
@@ -347,7 +346,7 @@ def emit_pointwise(nodes: list[fx.Node], prefix: str = "pointwise") -> Pointwise
     lines = [
         "import triton",
         "import triton.language as tl",
-        *(["", "from sixbit_compiler.kernels._common import int8_rows, saturate"] if rows else []),
+        *(["", "from sixbit_compiler.kernels._common import int8_row"] if rows else []),
         "",
         "",
         *ROUND_BF16_SOURCE,
