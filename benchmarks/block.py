@@ -49,11 +49,12 @@ MODES = {
     "inductor": {},
     "sixbit": {"activation": "int8"},
     "sixbit_fused": {"activation": "int8", "codegen": True},
+    "sixbit_int8_attention": {"activation": "int8", "attention": "int8"},  # the default (unfused) path
     # attention too: INT8 Q·Kᵀ, FP8 P·V (its non-attention part subtracts that attention's time)
     "sixbit_fused_int8_attention": {"activation": "int8", "codegen": True, "attention": "int8"},
-    # the same without the norm prologues writing their GEMMs' INT8 operand (each GEMM quantizes x)
-    "sixbit_fused_int8_attention_gemms_quantize": {"activation": "int8", "codegen": True, "attention": "int8",
-                                                   "passes": {"quantize_prologues": False}},
+    # the same with each GEMM quantizing its activation itself (q, k and v: three times)
+    "sixbit_fused_int8_attention_unshared": {"activation": "int8", "codegen": True, "attention": "int8",
+                                             "passes": {"share_quantization": False}},
 }
 
 

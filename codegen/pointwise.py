@@ -315,21 +315,6 @@ def data_inputs(nodes: list[fx.Node]) -> list[fx.Node]:
     return found
 
 
-def _row_quantization_lines(value: str, dtype: torch.dtype) -> list[str]:
-    """Statements of a row kernel's optional tail (constexpr ``QUANT``): the per-token INT8 codes
-    and scale of the row it just stored, as ``formats.quantize_int8`` computes them from the
-    stored tensor (``value`` holds the row already rounded to ``dtype``; ±Inf saturate to that
-    dtype's max first, as the activation kernels do). The GEMMs reading the row then skip their
-    own quantization pass (``quantize_prologues``)."""
-    return [
-        "    if QUANT:",
-        "        # the per-token INT8 of the row just stored, for the GEMMs it feeds (one read less each)",
-        f"        q, scale = int8_row(tl.where(mask, {value}, 0.0), {torch.finfo(dtype).max!r})",
-        "        tl.store(codes_ptr + i, q.to(tl.int8), mask=mask)",
-        "        tl.store(scales_ptr + pid, scale)",
-    ]
-
-
 def emit_pointwise(nodes: list[fx.Node], prefix: str = "pointwise") -> PointwiseKernel:
     """Triton source computing ``nodes[-1]`` from the chain ``nodes`` (graph order) and the
     tensors it reads from outside. A chain with a layer / RMS norm over the last dim (a
@@ -342,24 +327,21 @@ def emit_pointwise(nodes: list[fx.Node], prefix: str = "pointwise") -> Pointwise
     var = {a: f"in{j}" for j, a in enumerate(inputs)}
     size_args = ", ".join(s.name for s in sizes)
     stride_args = ", ".join(f"stride{j}_{d}" for j in range(len(inputs)) for d in range(rank))
-    rows = any(is_row_norm(n) for n in nodes)
     lines = [
         "import triton",
         "import triton.language as tl",
-        *(["", "from sixbit_compiler.kernels._common import int8_row"] if rows else []),
         "",
         "",
         *ROUND_BF16_SOURCE,
         "@triton.jit",
-        f"def KERNEL({', '.join(f'in{j}_ptr' for j in range(len(inputs)))}, out_ptr, "
-        f"{'codes_ptr, scales_ptr, ' if rows else ''}n_elements, "
+        f"def KERNEL({', '.join(f'in{j}_ptr' for j in range(len(inputs)))}, out_ptr, n_elements, "
         f"{size_args}{', ' if size_args else ''}{stride_args}{', ' if stride_args else ''}"
-        f"{''.join(f'SAME{j}: tl.constexpr, ' for j in range(len(inputs)))}"
-        f"{'QUANT: tl.constexpr, ' if rows else ''}INDEX_64: tl.constexpr, BLOCK: tl.constexpr):",
+        f"{''.join(f'SAME{j}: tl.constexpr, ' for j in range(len(inputs)))}INDEX_64: tl.constexpr, BLOCK: tl.constexpr):",
         "    # SAMEj: input j is laid out as the output (read at i, no index arithmetic);",
         "    # INDEX_64: offsets may pass 2**31 (else 32-bit index arithmetic, much cheaper)",
         "    pid = tl.program_id(0).to(tl.int64) if INDEX_64 else tl.program_id(0)",
     ]
+    rows = any(is_row_norm(n) for n in nodes)
     if rows:
         lines += ["    cols = tl.arange(0, BLOCK)",
                   f"    i = pid * size{rank - 1} + cols",
@@ -371,8 +353,6 @@ def emit_pointwise(nodes: list[fx.Node], prefix: str = "pointwise") -> Pointwise
     lines += chain_lines(nodes, var, rank)
     out_dtype = value_dtype(out)
     lines.append(f"    tl.store(out_ptr + i, v{len(nodes) - 1}.to({TL_DTYPES[out_dtype]}), mask=mask)")
-    if rows:
-        lines += _row_quantization_lines(f"v{len(nodes) - 1}", out_dtype)
     name, source, key = named_source(prefix, lines)
     return PointwiseKernel(name, source, [a.name for a in inputs], out.name, out_dtype, rank, rows, key)
 
@@ -416,20 +396,6 @@ def layout_args(views: list[torch.Tensor], out: torch.Tensor) -> tuple[dict[str,
 
 def run_pointwise(kernel: PointwiseKernel, *tensors: torch.Tensor, block: int = 1024) -> torch.Tensor:
     """Run ``kernel`` on its input tensors (broadcast to a common shape of the kernel's rank)."""
-    return _launch_pointwise(kernel, tensors, block, quantize=False, codes_out=False)[0]
-
-
-def run_row_kernel_int8(kernel: PointwiseKernel, *tensors: torch.Tensor, quantize: bool = True):
-    """Run a row kernel (a chain with a norm) -> (output, INT8 codes [*output.shape], fp32 scales
-    [*output.shape[:-1], 1]): ``formats.quantize_int8`` of the output over its last dim, computed
-    in the same kernel from the row in registers. With ``quantize=False`` the codes and scales
-    are allocated and left unwritten (no GEMM reading them takes INT8 this call)."""
-    if not kernel.rows:
-        raise ValueError(f"{kernel.name} is not a row kernel: per-token codes need the whole row")
-    return _launch_pointwise(kernel, tensors, 1024, quantize=quantize, codes_out=True)
-
-
-def _launch_pointwise(kernel: PointwiseKernel, tensors, block: int, quantize: bool, codes_out: bool):
     if len(tensors) != len(kernel.inputs):
         raise ValueError(f"{kernel.name} takes {len(kernel.inputs)} tensors, got {len(tensors)}")
     shape = torch.broadcast_shapes(*(t.shape for t in tensors))
@@ -437,15 +403,9 @@ def _launch_pointwise(kernel: PointwiseKernel, tensors, block: int, quantize: bo
         raise ValueError(f"{kernel.name} is for rank {kernel.rank}, the inputs broadcast to {tuple(shape)}")
     views = [t.expand(shape) for t in tensors]  # broadcast dims get stride 0
     out = torch.empty(shape, dtype=kernel.output_dtype, device=tensors[0].device)
-    codes = scales = None
-    row_args = {}
-    if kernel.rows:  # the codes' pointers are the output's when there are none (QUANT off: never written)
-        codes = torch.empty(shape, dtype=torch.int8, device=out.device) if codes_out else out
-        scales = torch.empty((*shape[:-1], 1), dtype=torch.float32, device=out.device) if codes_out else out
-        row_args = {"QUANT": quantize}
     n = out.numel()
     if n == 0:
-        return out, codes, scales
+        return out
     fn = load_kernel(kernel)
     strides = [s for v in views for s in v.stride()]
     same, reach = layout_args(views, out)
@@ -458,7 +418,6 @@ def _launch_pointwise(kernel: PointwiseKernel, tensors, block: int, quantize: bo
     else:
         grid = (-(-n // block),)
     # FMA contraction off: a * b + c rounds twice, as the two eager ops it replaces do
-    pointers = (out, codes, scales) if kernel.rows else (out,)
-    fn[grid](*views, *pointers, n, *shape, *strides, **same, **row_args, INDEX_64=reach + block >= 2**31, BLOCK=block,
+    fn[grid](*views, out, n, *shape, *strides, **same, INDEX_64=reach + block >= 2**31, BLOCK=block,
              num_warps=warps, enable_fp_fusion=False)
-    return out, codes, scales
+    return out

@@ -1,6 +1,6 @@
 """The custom ops the passes insert: ``sixbit::quantized_linear`` (``quantize_linears``),
 ``sixbit::linear_epilogue`` and ``sixbit::region_kernel`` (``lower_regions``, generated kernels),
-``sixbit::region_kernel_int8`` (``quantize_prologues``),
+``sixbit::shared_int8_quantization`` (``share_quantization``),
 ``sixbit::residual_abs_sums`` (``precision_guards``), ``sixbit::quantized_attention``
 (``quantize_attention``).
 
@@ -41,6 +41,12 @@ def use_kernels() -> bool:
     return os.environ.get(KERNELS_ENV, "1") != "0" and triton_available()
 
 
+def linear_kernels_run_on(x: torch.Tensor) -> bool:
+    """Whether ``quantized_linear`` runs the Triton kernels on ``x``: on CUDA only (on CPU the
+    reference path is the spec; tests point this at the interpreter to run the kernels there)."""
+    return x.is_cuda and use_kernels()
+
+
 @torch.library.custom_op("sixbit::quantized_linear", mutates_args=())
 def quantized_linear(
     x: torch.Tensor,
@@ -64,14 +70,14 @@ def quantized_linear(
     per-channel INT8 (``int8_weights``) comes as int8 codes [N, Kp], fp32 channel scales
     [N, 1] and an unused 1.0 (``weight_store.QuantizedWeight``).
 
-    ``x_codes`` / ``x_scales`` (``quantize_prologues``): x's per-token INT8 codes and scales,
-    written by the kernel that produced x whenever this call's precision is INT8. An INT8
-    call on the kernels then skips quantizing x; every other path reads x itself.
+    ``x_codes`` / ``x_scales`` (``share_quantization``): x's per-token INT8 codes and scales,
+    computed once for every GEMM reading x, and valid whenever this call's precision is INT8. An
+    INT8 call on the kernels then skips quantizing x; every other path reads x itself.
     """
     precision = Precision(int(precision_slots[slot]))
     if CALIBRATION_RECORDER is not None:
         CALIBRATION_RECORDER(slot, x, w_packed, w_block_scales, w_tensor_scale, in_features, hadamard)
-    if x.is_cuda and use_kernels():
+    if linear_kernels_run_on(x):
         from .kernels import dispatch
 
         codes = (x_codes, x_scales) if precision == Precision.INT8 and x_codes is not None else None
@@ -186,27 +192,37 @@ def _region_kernel_fake(key, inputs):
 REGION_KERNEL = torch.ops.sixbit.region_kernel.default
 
 
-@torch.library.custom_op("sixbit::region_kernel_int8", mutates_args=())
-def region_kernel_int8(
-    key: str, inputs: list[torch.Tensor], precision_slots: torch.Tensor, slots: list[int]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``region_kernel`` for a row kernel (a prologue with a norm) whose output feeds quantized
-    GEMMs only (``quantize_prologues``): returns (output, its per-token INT8 codes, their fp32
-    scales [..., 1]). The codes are written when any of the GEMMs' ``slots`` reads INT8 this
-    call, and left unwritten otherwise: a GEMM reads them only when its own precision is INT8."""
-    from .codegen.pointwise import REGISTRY, run_row_kernel_int8
+@torch.library.custom_op("sixbit::shared_int8_quantization", mutates_args=())
+def shared_int8_quantization(
+    x: torch.Tensor, precision_slots: torch.Tensor, slots: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x's per-token INT8 codes [..., K] and fp32 scales [..., 1] (``formats.quantize_int8`` over
+    the last dim), computed once for the quantized GEMMs that read x (``share_quantization``).
+    They are written when one of those GEMMs' ``slots`` reads INT8 this call, and left
+    unwritten otherwise: a GEMM reads them only when its own precision is INT8."""
+    codes = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    scales = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
+    if x.numel() and any(Precision(int(precision_slots[s])) == Precision.INT8 for s in slots):
+        x2d = x.reshape(-1, x.shape[-1])
+        if generated_kernels_run_on(x) and x.dtype in (torch.bfloat16, torch.float16, torch.float32):
+            from .kernels.quantize import quantize_int8_rows
 
-    quantize = any(Precision(int(precision_slots[s])) == Precision.INT8 for s in slots)
-    return run_row_kernel_int8(REGISTRY[key], *inputs, quantize=quantize)
+            q, scale, _, _ = quantize_int8_rows(x2d.contiguous())
+        else:  # the spec (CPU without the kernels): consumers on the reference path read x instead
+            from .formats import quantize_int8
+
+            q, scale = quantize_int8(x2d)
+        codes.copy_(q.view(x.shape))
+        scales.copy_(scale.view(scales.shape))
+    return codes, scales
 
 
-@region_kernel_int8.register_fake
-def _region_kernel_int8_fake(key, inputs, precision_slots, slots):
-    out = _region_kernel_fake(key, inputs)
-    return out, out.new_empty(out.shape, dtype=torch.int8), out.new_empty((*out.shape[:-1], 1), dtype=torch.float32)
+@shared_int8_quantization.register_fake
+def _shared_int8_quantization_fake(x, precision_slots, slots):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
 
 
-REGION_KERNEL_INT8 = torch.ops.sixbit.region_kernel_int8.default
+SHARED_INT8_QUANTIZATION = torch.ops.sixbit.shared_int8_quantization.default
 
 
 @torch.library.custom_op("sixbit::residual_abs_sums", mutates_args=())

@@ -66,23 +66,6 @@ def int8_rows(x):
 
 
 @triton.jit
-def int8_row(x, limit):
-    """Per-token INT8 of one fp32 row x [C] (lanes past the row must be 0), as
-    ``formats.quantize_int8``: (codes as fp32, scale; NaN if the row holds NaN). ±Inf saturate to
-    ±``limit`` first (the row's dtype's max, as the activation kernels do). One-dimensional, so a
-    kernel holding a row in a 1-D tile (the generated norm prologues) quantizes it in its own
-    layout, with no 2-D view."""
-    x = saturate(x, limit)
-    isnan = is_nan(x)
-    amax = tl.max(tl.where(isnan, 0.0, tl.abs(x)), axis=0)
-    has_nan = tl.max(isnan.to(tl.int32), axis=0) > 0
-    scale = tl.math.div_rn(amax, 127.0)
-    inv = tl.math.div_rn(1.0, tl.where(scale > 0, scale, 1.0))
-    q = tl.minimum(tl.maximum(rne(tl.where(isnan, 0.0, x) * inv), -127.0), 127.0)
-    return q, where_nan(has_nan, scale)
-
-
-@triton.jit
 def round_to_e4m3(v):
     """Round non-negative fp32 v (<= 448) to the nearest e4m3 value, ties to even (exact)."""
     bits = v.to(tl.int32, bitcast=True)

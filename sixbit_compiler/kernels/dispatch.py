@@ -141,7 +141,7 @@ def quantized_linear(
     """Kernel path; returns None (after logging once) for a case the kernels do not take.
 
     ``x_int8``: (codes, scales) of x for an INT8 call, already computed by x's producer
-    (``quantize_prologues``); the call then quantizes nothing.
+    (``share_quantization``); the call then quantizes nothing.
 
     ``float_gemm`` picks the GEMM of the float tiers ("cublas" / "triton"); by default the
     Triton template for all three, the faster of each pair on the H100 (kernel run 6,
@@ -157,7 +157,7 @@ def quantized_linear(
     out_dtype = x.dtype
     lead = x.shape[:-1]
     if x_int8 is not None and (precision != Precision.INT8 or hadamard or x_int8[0].shape[-1] != stored_k(w_packed)):
-        x_int8 = None  # codes of the unrotated, unpadded x only (quantize_prologues checks this too)
+        x_int8 = None  # codes of the unrotated, unpadded x only (share_quantization checks this too)
     x2d = None if x_int8 is not None else gemm_input(x, w_packed, in_features, hadamard, precision)
 
     if x_int8 is not None:
