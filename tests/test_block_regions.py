@@ -150,10 +150,11 @@ def test_dump_shows_the_regions_and_each_distinct_body(tmp_path):
     (d,) = list(tmp_path.iterdir())
     files = sorted(p.name for p in d.iterdir())
     assert files == ["00_captured.py", "01_find_blocks.py", "02_quantize_linears.py", "03_fuse_regions.py",
-                     "04_block_regions.py", "05_precision_guards.py", "06_block_body_0.py", "index.md"]
-    main = (d / "04_block_regions.py").read_text()
+                     "04_share_quantization.py", "05_block_regions.py", "06_precision_guards.py", "07_block_body_0.py",
+                     "index.md"]
+    main = (d / "05_block_regions.py").read_text()
     assert main.count("self.sixbit_block_") == 3 and "quantized_linear" not in main.split("\n\n", 1)[1]
-    body = (d / "06_block_body_0.py").read_text()
+    body = (d / "07_block_body_0.py").read_text()
     assert body.count("torch.ops.sixbit.quantized_linear.default(") == 10
     assert body.count("torch.amax(") == 7  # precision_guards: one outlier ratio per distinct linear input (q, k, v share one)
     index = (d / "index.md").read_text()
