@@ -224,12 +224,13 @@ def _index_expressions(rank: int, n_inputs: int) -> tuple[list[sympy.Symbol], li
     return sizes, input_offsets(_coordinates(i, sizes), n_inputs)
 
 
-def chain_lines(nodes: list[fx.Node], var: dict[fx.Node, str], rank: int) -> list[str]:
-    """Statements computing each node of the chain as ``v{k}`` in fp32, rounded to the node's
-    dtype as eager rounds each op's result; a layer / RMS norm spans the row tile. Adds each
-    node's variable to ``var``. Raises :class:`Unsupported` for a dtype or op it cannot emit."""
+def chain_lines(nodes: list[fx.Node], var: dict[fx.Node, str], rank: int, first: int = 0) -> list[str]:
+    """Statements computing each node of the chain as ``v{k}`` (k from ``first``) in fp32, rounded
+    to the node's dtype as eager rounds each op's result; a layer / RMS norm spans the row tile.
+    Adds each node's variable to ``var``. Raises :class:`Unsupported` for a dtype or op it cannot
+    emit."""
     lines = []
-    for k, n in enumerate(nodes):
+    for k, n in enumerate(nodes, start=first):
         dtype = value_dtype(n)
         if dtype not in TL_DTYPES:
             raise Unsupported(f"{n.name}: dtype {dtype}")
@@ -297,6 +298,7 @@ class PointwiseKernel:
     rank: int
     rows: bool = False  # one program per row of the last dim (the chain holds a norm)
     key: str = ""  # hash of the source without comments (see named_source)
+    int8_key: str = ""  # the chunked variant that also writes INT8 codes (codegen.rows), if emitted
 
 
 def data_inputs(nodes: list[fx.Node]) -> list[fx.Node]:

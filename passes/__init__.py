@@ -12,6 +12,7 @@ from .lower_regions import lower_regions
 from .precision_guards import precision_guards
 from .quantize_attention import quantize_attention
 from .quantize_linears import quantize_linears
+from .quantize_prologues import quantize_prologues
 from .share_quantization import share_quantization
 
 #: name -> pass, in execution order.
@@ -21,10 +22,11 @@ PASS_REGISTRY = {
     "quantize_attention": quantize_attention,
     "fuse_regions": fuse_regions,
     "lower_regions": lower_regions,
+    "quantize_prologues": quantize_prologues,
     "share_quantization": share_quantization,
     "block_regions": block_regions,
     "precision_guards": precision_guards,
 }
 
 __all__ = ["PASS_REGISTRY", "block_regions", "find_blocks", "fuse_regions", "lower_regions", "precision_guards", "quantize_attention", "quantize_linears",
-           "share_quantization"]
+           "quantize_prologues", "share_quantization"]

@@ -12,6 +12,8 @@ For every region of ``ctx.regions``:
   epilogue; other precisions run the GEMM, then the chain as one generated kernel);
 * **the prologue chain** (norm, AdaLN modulation, casts): one ``sixbit::region_kernel(key,
   inputs)`` call (``codegen.pointwise``) computing the chain's last node from what it reads;
+  a chain with a norm also gets (registered, not yet used) its chunked variant that writes
+  the output's INT8 codes too (``codegen.rows``), for ``quantize_prologues``;
 * an epilogue the GEMM template refuses is lowered like a prologue, on its own.
 
 The replaced nodes are erased. Leaves a chain unfused, with a note in the dump index, when the
@@ -39,6 +41,7 @@ import torch
 import torch.fx as fx
 
 from sixbit_compiler.codegen import gemm as gemm_codegen
+from sixbit_compiler.codegen import rows as rows_codegen
 from sixbit_compiler.codegen.pointwise import REGISTRY, Unsupported, data_inputs, emit_pointwise
 from sixbit_compiler.context import CompileContext, FusionRegion
 from sixbit_compiler.kernels import interpreting, triton_available
@@ -130,6 +133,12 @@ def _lower_chain(gm, ctx, region: FusionRegion, part: str, nodes: list[fx.Node])
         ctx.notes.append(f"codegen: region {region.index} {part} left unfused: {exc}")
         return False
     kernel = REGISTRY.setdefault(kernel.key, kernel)
+    if kernel.rows and not kernel.int8_key:  # a norm prologue: also its variant writing INT8 codes
+        try:
+            variant = rows_codegen.emit_quantizing_rows(nodes)
+            kernel.int8_key = rows_codegen.REGISTRY.setdefault(variant.key, variant).key
+        except Unsupported:
+            pass  # quantize_prologues leaves it writing bf16 only
     _record(ctx, region, kernel)
     with gm.graph.inserting_before(nodes[-1]):
         call = gm.graph.call_function(REGION_KERNEL, (kernel.key, data_inputs(nodes)))

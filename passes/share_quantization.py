@@ -3,7 +3,8 @@
 Contract
 --------
 Expects ``quantize_linears`` ran (and ``lower_regions``, with ``codegen``: it must see the
-final GEMM ops, since lowering rebuilds them).
+final GEMM ops, since lowering rebuilds them). Activations whose norm prologue already writes
+the codes (``quantize_prologues``) are left alone.
 
 For each activation read (as ``x``) by two or more quantized GEMMs (``sixbit::quantized_linear``
 / ``sixbit::linear_epilogue``) of one block (the text states every block reads are shared
@@ -66,7 +67,7 @@ def share_quantization(gm: fx.GraphModule, ctx: CompileContext) -> None:
         if node.op == "call_function" and node.target in QUANTIZED_GEMMS and isinstance(node.args[0], fx.Node):
             readers.setdefault((node.args[0], node.meta.get("sixbit_block")), []).append(node)
     for (x, _), gemms in readers.items():
-        if len(gemms) < 2:
+        if len(gemms) < 2 or all("x_codes" in g.kwargs for g in gemms):  # (quantize_prologues fed them)
             continue
         reason = _why_not(x, gemms)
         if reason:

@@ -113,9 +113,11 @@ class DumpWriter:
         lines += ["", f"## Fusion regions ({len(ctx.regions)})", ""]
         if ctx.regions:
             fused = sum(1 for k in ctx.kernels if hasattr(k, "alone"))
+            quantizing = sum(1 for k in ctx.kernels if k.name.startswith("prologue_int8_"))
             lowered = (f"lowered to {len(ctx.kernels)} distinct generated kernels (`kernels/`; every block's "
                        f"same region shares one): {fused} GEMM templates with a fused epilogue (each with its "
-                       f"chain alone, for NVFP4 / bf16 calls) and {len(ctx.kernels) - fused} elementwise chains"
+                       f"chain alone, for NVFP4 / bf16 calls), {len(ctx.kernels) - fused - quantizing} elementwise "
+                       f"chains and {quantizing} chunked norm prologues writing INT8 codes (`quantize_prologues`)"
                        if ctx.kernels else "not lowered (`codegen` off): they run unfused")
             lines += [f"Recorded by `fuse_regions` (node meta `sixbit_region` / `sixbit_region_part`); {lowered}.", "",
                       "| region | block | GEMMs | prologue | epilogues | kernels | note |", "|---|---|---|---|---|---|---|"]

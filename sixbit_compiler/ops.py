@@ -1,6 +1,7 @@
 """The custom ops the passes insert: ``sixbit::quantized_linear`` (``quantize_linears``),
 ``sixbit::linear_epilogue`` and ``sixbit::region_kernel`` (``lower_regions``, generated kernels),
-``sixbit::shared_int8_quantization`` (``share_quantization``),
+``sixbit::region_kernel_int8`` (``quantize_prologues``), ``sixbit::shared_int8_quantization``
+(``share_quantization``),
 ``sixbit::residual_abs_sums`` (``precision_guards``), ``sixbit::quantized_attention``
 (``quantize_attention``).
 
@@ -190,6 +191,35 @@ def _region_kernel_fake(key, inputs):
 
 
 REGION_KERNEL = torch.ops.sixbit.region_kernel.default
+
+
+@torch.library.custom_op("sixbit::region_kernel_int8", mutates_args=())
+def region_kernel_int8(
+    key: str, inputs: list[torch.Tensor], precision_slots: torch.Tensor, slots: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A norm prologue (``region_kernel`` ``key``) whose output feeds quantized GEMMs only
+    (``quantize_prologues``): returns (output, its per-token INT8 codes, their fp32 scales
+    [..., 1]). When one of the GEMMs' ``slots`` reads INT8 this call, the chunked variant
+    (``codegen.rows``) computes the output and the codes in one kernel; otherwise the plain
+    kernel runs and the codes stay unwritten (a GEMM reads them only when its precision is INT8)."""
+    from .codegen.pointwise import REGISTRY, run_pointwise
+    from .codegen.rows import REGISTRY as ROW_KERNELS, run_quantizing_rows
+
+    kernel = REGISTRY[key]
+    if any(Precision(int(precision_slots[s])) == Precision.INT8 for s in slots):
+        return run_quantizing_rows(ROW_KERNELS[kernel.int8_key], *inputs)
+    out = run_pointwise(kernel, *inputs)
+    return (out, out.new_empty(out.shape, dtype=torch.int8),
+            out.new_empty((*out.shape[:-1], 1), dtype=torch.float32))
+
+
+@region_kernel_int8.register_fake
+def _region_kernel_int8_fake(key, inputs, precision_slots, slots):
+    out = _region_kernel_fake(key, inputs)
+    return out, out.new_empty(out.shape, dtype=torch.int8), out.new_empty((*out.shape[:-1], 1), dtype=torch.float32)
+
+
+REGION_KERNEL_INT8 = torch.ops.sixbit.region_kernel_int8.default
 
 
 @torch.library.custom_op("sixbit::shared_int8_quantization", mutates_args=())

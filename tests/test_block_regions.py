@@ -46,7 +46,7 @@ def test_off_by_default(tmp_path):
         torch.compile(tiny_wan(), backend="sixbit", options={"dump_dir": str(tmp_path)})(**wan_inputs())
     (d,) = list(tmp_path.iterdir())
     index = (d / "index.md").read_text()
-    assert "| 7 | `block_regions` | off (needs block_cache) |" in index
+    assert "| 8 | `block_regions` | off (needs block_cache) |" in index
     assert "| 3 | `quantize_attention` | off (needs quantizes_attention) |" in index  # attention="exact"
     assert not any(p.name.endswith("_block_regions.py") for p in d.iterdir())
 
