@@ -52,12 +52,12 @@ MODES = {
     "sixbit_int8_attention": {"activation": "int8", "attention": "int8"},  # the default (unfused) path
     # attention too: INT8 Q·Kᵀ, FP8 P·V (its non-attention part subtracts that attention's time)
     "sixbit_fused_int8_attention": {"activation": "int8", "codegen": True, "attention": "int8"},
-    # the same with the norm prologues writing bf16 only (their GEMMs share one quantization pass)
-    "sixbit_fused_int8_attention_plain_prologues": {"activation": "int8", "codegen": True, "attention": "int8",
-                                                    "passes": {"quantize_prologues": False}},
+    # the same with the norm prologues also writing their GEMMs' INT8 codes (opt-in quantize_prologues)
+    "sixbit_fused_int8_attention_prologue_codes": {"activation": "int8", "codegen": True, "attention": "int8",
+                                                   "passes": {"quantize_prologues": True}},
     # ... and with each GEMM quantizing its activation itself (q, k and v: three times)
     "sixbit_fused_int8_attention_unshared": {"activation": "int8", "codegen": True, "attention": "int8",
-                                             "passes": {"quantize_prologues": False, "share_quantization": False}},
+                                             "passes": {"share_quantization": False}},
 }
 
 

@@ -12,8 +12,8 @@ For every region of ``ctx.regions``:
   epilogue; other precisions run the GEMM, then the chain as one generated kernel);
 * **the prologue chain** (norm, AdaLN modulation, casts): one ``sixbit::region_kernel(key,
   inputs)`` call (``codegen.pointwise``) computing the chain's last node from what it reads;
-  a chain with a norm also gets (registered, not yet used) its chunked variant that writes
-  the output's INT8 codes too (``codegen.rows``), for ``quantize_prologues``;
+  a chain with a norm also gets (registered, not called) its chunked variant that writes the
+  output's INT8 codes too (``codegen.rows``), for the opt-in ``quantize_prologues``;
 * an epilogue the GEMM template refuses is lowered like a prologue, on its own.
 
 The replaced nodes are erased. Leaves a chain unfused, with a note in the dump index, when the

@@ -2,12 +2,17 @@
 
 Contract
 --------
-Runs only with ``options={"codegen": True}``; expects ``lower_regions`` ran (and runs before
-``share_quantization``, which then leaves these activations alone).
+Opt-in: runs only with ``options={"codegen": True, "passes": {"quantize_prologues": True}}``;
+expects ``lower_regions`` ran (and runs before ``share_quantization``, which then leaves these
+activations alone). It measured no faster than the plain prologues plus ``share_quantization``
+on an H100 (docs/benchmarks.md, block run 7): the chunked kernel with codes took 623 µs
+at W-14B's 5,120-wide rows against 610 µs for the plain prologue and a quantization pass, and
+in the W-1.3B block its prologues took 0.53 ms against 0.47 ms for the plain ones with their
+share of the quantization passes.
 
 A prologue lowered to a row kernel (``sixbit::region_kernel`` whose chain holds a norm, with
-the chunked variant ``codegen.rows`` emitted for it) and rows at most ``MAX_WIDTH`` wide (the
-measured crossover, below) is rewritten when every reader of its output is a quantized GEMM (``sixbit::quantized_linear`` / ``sixbit::linear_epilogue``) of its
+the chunked variant ``codegen.rows`` emitted for it) is rewritten when every reader of its
+output is a quantized GEMM (``sixbit::quantized_linear`` / ``sixbit::linear_epilogue``) of its
 block taking it as the activation, unrotated (no ``hadamard``) and unpadded (K a whole number of
 16-blocks). It becomes one ``sixbit::region_kernel_int8(key, inputs, precision_slots, slots)``
 returning (output, per-token INT8 codes, scales), and each GEMM gets the codes and scales as its
@@ -36,14 +41,12 @@ from __future__ import annotations
 
 import operator
 
-import torch
 import torch.fx as fx
 
 from sixbit_compiler.codegen import rows as rows_codegen
 from sixbit_compiler.codegen.pointwise import REGISTRY
 from sixbit_compiler.context import CompileContext
 from sixbit_compiler.formats import NVFP4_BLOCK
-from sixbit_compiler.fx_utils import example_value
 from sixbit_compiler.ops import QUANTIZED_GEMMS, REGION_KERNEL, REGION_KERNEL_INT8
 
 _KEPT_META = ("sixbit_block", "sixbit_block_index", "sixbit_region", "sixbit_region_part", "nn_module_stack",
@@ -51,23 +54,10 @@ _KEPT_META = ("sixbit_block", "sixbit_block_index", "sixbit_region", "sixbit_reg
 _VALUE_META = ("example_value", "val", "tensor_meta")
 
 
-#: Widest rows the chunked kernel takes. On an H100 (benchmarks/results/prologue_chunked_h100.json,
-#: W-14B's AdaLN prologue over 32,760 tokens) the chunked kernel with codes took 180 us at 1,536
-#: wide against 249 us for the plain prologue plus a quantization pass, but 623 against 610 us at
-#: 5,120 wide: re-running the chain in every pass costs more than the pass it saves there
-#: (share_quantization then quantizes once for q, k and v).
-MAX_WIDTH = 2048
-
-
 def _why_not(prologue: fx.Node) -> str | None:
     """None if the prologue can write its readers' INT8 operand, else why not."""
     if not REGISTRY[prologue.args[0]].int8_key:
         return "the chunked kernel does not take its chain (more than one norm)"
-    value = example_value(prologue)
-    width = value.shape[-1] if isinstance(value, torch.Tensor) and value.dim() else None
-    if not isinstance(width, int) or width > MAX_WIDTH:
-        return (f"rows {width} wide: above {MAX_WIDTH} the plain prologue and one shared quantization pass "
-                "measured faster than the chunked kernel")
     if not prologue.users:
         return "its output is unused"
     for user in prologue.users:
@@ -116,3 +106,4 @@ def quantize_prologues(gm: fx.GraphModule, ctx: CompileContext) -> None:
 
 
 quantize_prologues.enabled_by = "codegen"
+quantize_prologues.opt_in = True

@@ -250,7 +250,11 @@ class SixbitOptions:
         return self.attention == "int8"
 
     def pass_enabled(self, name: str) -> bool:
-        return self.passes.get(name, True)
+        """``passes[name]`` if given, else the pass's default: on, unless it is opt-in
+        (``pass_fn.opt_in = True``: measured no faster, kept for users to try)."""
+        from .passes import PASS_REGISTRY  # late import: passes import options
+
+        return self.passes.get(name, not getattr(PASS_REGISTRY.get(name), "opt_in", False))
 
 
 def native_fp4(device: torch.device) -> bool:

@@ -3,7 +3,8 @@
 A pass is a function ``pass_fn(gm, ctx) -> None`` that rewrites ``gm.graph`` in
 place. Each lives in its own file under ``passes/`` with a docstring contract. A pass
 that implements an opt-in feature names its option in ``pass_fn.enabled_by``; it is
-reported "off" (and not dumped) while that option is False.
+reported "off" (and not dumped) while that option is False. A pass marked ``pass_fn.opt_in``
+runs only when ``options["passes"]`` switches it on.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ PassFn = Callable[[fx.GraphModule, CompileContext], None]
 @dataclasses.dataclass
 class PassRecord:
     name: str
-    status: str  # "ran" | "disabled" (options["passes"]) | "off (needs <option>)"
+    status: str  # "ran" | "disabled" (options["passes"]) | "off (needs <option>)" | "off (opt-in: ...)"
     seconds: float
     counts_before: dict[str, int]
     counts_after: dict[str, int]
@@ -50,7 +51,8 @@ class PassManager:
         for name, fn in self.passes:
             before = op_counts(gm.graph)
             if not ctx.options.pass_enabled(name):
-                records.append(PassRecord(name, "disabled", 0.0, before, before))
+                status = "disabled" if name in ctx.options.passes else f"off (opt-in: passes={{'{name}': True}})"
+                records.append(PassRecord(name, status, 0.0, before, before))
                 log.debug("sixbit: pass %s disabled by options", name)
                 continue
             gate = getattr(fn, "enabled_by", None)

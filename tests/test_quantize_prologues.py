@@ -136,17 +136,6 @@ def test_norm_prologues_feed_their_gemms_codes():
     assert len(chunked) == 2 and all(any(k.name in r.kernels for r in ctx.regions) for k in chunked)
 
 
-def test_rows_wider_than_the_measured_crossover_keep_the_plain_prologue(monkeypatch):
-    import importlib
-
-    mod = importlib.import_module("sixbit_compiler.passes.quantize_prologues")  # the module, not the pass
-    monkeypatch.setattr(mod, "MAX_WIDTH", 8)  # tiny Wan's rows are wider
-    gm, ctx, before, after = lowered_graph()
-    assert OP not in after and after == before
-    notes = [n for n in ctx.notes if n.startswith("quantize_prologues")]
-    assert len(notes) == 6 and all("plain prologue and one shared quantization" in n for n in notes)
-
-
 def test_rotated_activations_leave_the_prologues_with_a_note():
     gm, ctx, before, after = lowered_graph(hadamard=True)
     assert OP not in after and after == before
@@ -172,8 +161,8 @@ def test_outputs_match_the_gemms_quantizing_themselves(activation, block_cache, 
 
     monkeypatch.setattr(ops, "linear_kernels_run_on", ops.generated_kernels_run_on)
     base = {"activation": activation, "codegen": True, "block_cache": block_cache}
-    on = compiled_outputs(base)
-    off = compiled_outputs({**base, "passes": {"quantize_prologues": False}})
+    on = compiled_outputs({**base, "passes": {"quantize_prologues": True}})
+    off = compiled_outputs(base)  # opt-in: off by default
     for a, b in zip(on, off):
         if activation == "nvfp4":
             assert torch.equal(a, b)
@@ -181,10 +170,12 @@ def test_outputs_match_the_gemms_quantizing_themselves(activation, block_cache, 
             assert ((a - b).norm() / b.norm()).item() < 1e-5
 
 
-def test_the_pass_is_switched_off_by_name_and_listed_in_the_dump(tmp_path):
-    for name, passes in (("on", {}), ("off", {"quantize_prologues": False})):
+def test_the_pass_is_opt_in_and_listed_in_the_dump(tmp_path):
+    for name, passes in (("on", {"quantize_prologues": True}), ("default", {}), ("off", {"quantize_prologues": False})):
         compiled_outputs({"activation": "int8", "codegen": True, "passes": passes, "dump_dir": str(tmp_path / name)}, 1)
-    (on,), (off,) = (tmp_path / "on").iterdir(), (tmp_path / "off").iterdir()
+    (on,), (default,), (off,) = ((tmp_path / n).iterdir() for n in ("on", "default", "off"))
     assert "`quantize_prologues` | ran" in (on / "index.md").read_text()
     assert any(p.name.startswith("prologue_int8_") for p in (on / "kernels").iterdir())
+    assert "`quantize_prologues` | off (opt-in: passes={'quantize_prologues': True})" in (default / "index.md").read_text()
+    assert not any(p.name.startswith("prologue_int8_") for p in (default / "kernels").iterdir())
     assert "`quantize_prologues` | disabled" in (off / "index.md").read_text()
