@@ -244,11 +244,13 @@ def chain_lines(nodes: list[fx.Node], var: dict[fx.Node, str], rank: int, first:
     return lines
 
 
-def load_lines(inputs: list[fx.Node], offsets: list[sympy.Expr], same_offset: str) -> list[str]:
+def load_lines(inputs: list[fx.Node], offsets: list[sympy.Expr], same_offset: str,
+               numbers: list[int] | None = None) -> list[str]:
     """Statements loading input j as fp32 ``in{j}`` under ``mask``: at ``same_offset`` when the
-    constexpr ``SAME{j}`` says it is laid out as the output, else at its sympy offset."""
+    constexpr ``SAMEj`` says it is laid out as the output, else at its sympy offset. ``numbers``
+    gives each input's j (default: its position), for a kernel loading only some of its inputs."""
     lines = []
-    for j, (a, off) in enumerate(zip(inputs, offsets)):
+    for j, a, off in zip(numbers if numbers is not None else range(len(inputs)), inputs, offsets):
         lines += [f"    if SAME{j}:",
                   f"        off{j} = {same_offset}",
                   "    else:",
@@ -396,14 +398,20 @@ def layout_args(views: list[torch.Tensor], out: torch.Tensor) -> tuple[dict[str,
     return same, reach
 
 
-def run_pointwise(kernel: PointwiseKernel, *tensors: torch.Tensor, block: int = 1024) -> torch.Tensor:
-    """Run ``kernel`` on its input tensors (broadcast to a common shape of the kernel's rank)."""
+def broadcast_inputs(kernel, tensors) -> tuple[torch.Size, list[torch.Tensor]]:
+    """(common shape, each input expanded to it: broadcast dims get stride 0) for a generated
+    kernel of ``kernel.rank`` taking ``kernel.inputs``."""
     if len(tensors) != len(kernel.inputs):
         raise ValueError(f"{kernel.name} takes {len(kernel.inputs)} tensors, got {len(tensors)}")
     shape = torch.broadcast_shapes(*(t.shape for t in tensors))
     if len(shape) != kernel.rank:
         raise ValueError(f"{kernel.name} is for rank {kernel.rank}, the inputs broadcast to {tuple(shape)}")
-    views = [t.expand(shape) for t in tensors]  # broadcast dims get stride 0
+    return shape, [t.expand(shape) for t in tensors]
+
+
+def run_pointwise(kernel: PointwiseKernel, *tensors: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """Run ``kernel`` on its input tensors (broadcast to a common shape of the kernel's rank)."""
+    shape, views = broadcast_inputs(kernel, tensors)
     out = torch.empty(shape, dtype=kernel.output_dtype, device=tensors[0].device)
     n = out.numel()
     if n == 0:

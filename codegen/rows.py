@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import dataclasses
 
-import sympy
 import torch
 import torch.fx as fx
 
 from .pointwise import (
-    _LAYER_NORMS, ROUND_BF16_SOURCE, TL_DTYPES, Unsupported, _arg, _index_expressions, _literal, _rank, chain_lines,
-    data_inputs, is_row_norm, layout_args, load_kernel, named_source, print_index, rounded, value_dtype,
+    _LAYER_NORMS, ROUND_BF16_SOURCE, TL_DTYPES, Unsupported, _arg, _index_expressions, _literal, _rank,
+    broadcast_inputs, chain_lines, data_inputs, is_row_norm, layout_args, load_kernel, load_lines, named_source,
+    rounded, value_dtype,
 )
 
 
@@ -45,18 +45,6 @@ class RowQuantKernel:
     output_dtype: torch.dtype
     rank: int
     key: str = ""
-
-
-def _load_lines(wanted: list[int], inputs: list[fx.Node], offsets: list[sympy.Expr]) -> list[str]:
-    """Statements loading the inputs ``wanted`` (by index) as fp32 ``in{j}`` over the 2-D tile."""
-    lines = []
-    for j in wanted:
-        lines += [f"    if SAME{j}:",
-                  f"        off{j} = i",
-                  "    else:",
-                  f"        off{j} = {print_index(sympy.expand(offsets[j]))}",
-                  f"    in{j} = tl.load(in{j}_ptr + off{j}, mask=mask, other=0.0).to(tl.float32)  # {inputs[j].name}"]
-    return lines
 
 
 def _norm_apply(norm: fx.Node, x: str, out: str, var: dict[fx.Node, str]) -> list[str]:
@@ -102,7 +90,8 @@ def emit_quantizing_rows(nodes: list[fx.Node], prefix: str = "prologue_int8") ->
         var = {a: f"in{j}" for j, a in enumerate(inputs)}
         needed = set(data_inputs(pre)) | ({norm.args[0]} - set(pre))
         wanted = [j for j, a in enumerate(inputs) if through_norm or a in needed]
-        lines = _load_lines(wanted, inputs, offsets) + chain_lines(pre, var, rank)
+        lines = load_lines([inputs[j] for j in wanted], [offsets[j] for j in wanted], "i", wanted)
+        lines += chain_lines(pre, var, rank)
         if through_norm:
             k = len(pre)
             lines += _norm_apply(norm, var[norm.args[0]], f"v{k}", var)
@@ -192,12 +181,7 @@ def run_quantizing_rows(kernel: RowQuantKernel, *tensors: torch.Tensor, write_ou
     """-> (output, INT8 codes [*output.shape], scales [*output.shape[:-1], 1]): the codes are
     ``formats.quantize_int8`` of the output over its last dim. With ``write_out=False`` the
     output is allocated and left unwritten (every reader takes the codes)."""
-    if len(tensors) != len(kernel.inputs):
-        raise ValueError(f"{kernel.name} takes {len(kernel.inputs)} tensors, got {len(tensors)}")
-    shape = torch.broadcast_shapes(*(t.shape for t in tensors))
-    if len(shape) != kernel.rank:
-        raise ValueError(f"{kernel.name} is for rank {kernel.rank}, the inputs broadcast to {tuple(shape)}")
-    views = [t.expand(shape) for t in tensors]
+    shape, views = broadcast_inputs(kernel, tensors)
     device = tensors[0].device
     out = torch.empty(shape, dtype=kernel.output_dtype, device=device)
     codes = torch.empty(shape, dtype=torch.int8, device=device)

@@ -10,12 +10,12 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from conftest import apply_pass, capture, context_for
 from models import tiny_wan, wan_inputs
-from sixbit_compiler.codegen.pointwise import Unsupported, run_pointwise
+from sixbit_compiler.codegen.pointwise import Unsupported
 from sixbit_compiler.codegen.rows import chunking, emit_quantizing_rows, run_quantizing_rows
 from sixbit_compiler.formats import quantize_int8
 from sixbit_compiler.ops import QUANTIZED_GEMMS, REGION_KERNEL_INT8
 from sixbit_compiler.passes import find_blocks, fuse_regions, lower_regions, quantize_linears, quantize_prologues
-from test_codegen_pointwise import DEV, PROLOGUES, N, lowered
+from test_codegen_pointwise import DEV, PROLOGUES, N
 
 F = torch.nn.functional
 OP = "sixbit.region_kernel_int8.default"
