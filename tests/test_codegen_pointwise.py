@@ -146,14 +146,21 @@ def test_the_fx_chains_of_a_wan_block_translate(tmp_path):
 
 
 N = 40  # the normalized size (a constant, as in a traced model); not a power of two: the tile is masked
-PROLOGUES = {
-    # Wan's AdaLN prologue: a norm without affine, then x * (1 + scale) + shift, cast back
-    "wan_adaln": lambda x, w, b, scale, shift: (
-        F.layer_norm(x.float(), (N,), None, None, 1e-6).to(torch.float32) * (1 + scale) + shift).type_as(x),
-    "layer_norm_affine": lambda x, w, b, scale, shift: F.layer_norm(x, (N,), w, b, 1e-5) * scale,
-    "rms_norm": lambda x, w, b, scale, shift: torch.rms_norm(x.float(), (N,), w, 1e-6).type_as(x),
-    "rms_norm_default_eps": lambda x, w, b, scale, shift: F.rms_norm(x, (N,)) + shift,
-}
+
+
+def prologues(n: int) -> dict:
+    """Norm prologue chains over rows ``n`` wide."""
+    return {
+        # Wan's AdaLN prologue: a norm without affine, then x * (1 + scale) + shift, cast back
+        "wan_adaln": lambda x, w, b, scale, shift: (
+            F.layer_norm(x.float(), (n,), None, None, 1e-6).to(torch.float32) * (1 + scale) + shift).type_as(x),
+        "layer_norm_affine": lambda x, w, b, scale, shift: F.layer_norm(x, (n,), w, b, 1e-5) * scale,
+        "rms_norm": lambda x, w, b, scale, shift: torch.rms_norm(x.float(), (n,), w, 1e-6).type_as(x),
+        "rms_norm_default_eps": lambda x, w, b, scale, shift: F.rms_norm(x, (n,)) + shift,
+    }
+
+
+PROLOGUES = prologues(N)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

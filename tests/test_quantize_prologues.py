@@ -15,7 +15,7 @@ from sixbit_compiler.codegen.rows import chunking, emit_quantizing_rows, run_qua
 from sixbit_compiler.formats import quantize_int8
 from sixbit_compiler.ops import QUANTIZED_GEMMS, REGION_KERNEL_INT8
 from sixbit_compiler.passes import find_blocks, fuse_regions, lower_regions, quantize_linears, quantize_prologues
-from test_codegen_pointwise import DEV, PROLOGUES, N
+from test_codegen_pointwise import DEV, PROLOGUES, N, prologues
 
 F = torch.nn.functional
 OP = "sixbit.region_kernel_int8.default"
@@ -45,11 +45,7 @@ def test_chunked_kernel_matches_pytorch_and_its_codes_are_the_spec(chain, dtype,
     """The chunked kernel's output matches PyTorch as the whole-row kernel does, on rows that are
     constant, NaN, overflow to Inf, or hold an outlier; its codes and scales equal
     formats.quantize_int8 of that output, bit for bit."""
-    fn = PROLOGUES[chain]
-    patched = {"N": width}
-
-    def call(x, w, b, scale, shift):  # the chain at this width (PROLOGUES close over N)
-        return fn.__globals__.update(patched) or fn(x, w, b, scale, shift)
+    call = prologues(width)[chain]
 
     def args(rows, gen):
         g = torch.Generator().manual_seed(gen)
@@ -57,20 +53,17 @@ def test_chunked_kernel_matches_pytorch_and_its_codes_are_the_spec(chain, dtype,
         w, b = torch.randn(width, generator=g).to(dtype), torch.randn(width, generator=g).to(dtype)
         return [x, w, b, torch.randn(1, 1, width, generator=g), torch.randn(1, 1, width, generator=g)]
 
-    try:
-        nodes, names = traced(call, *args(4, 0))
-        kernel = emit_quantizing_rows(nodes)
-        x, w, b, scale, shift = args(34, 1)  # fresh inputs, an odd number of rows a program covers
-        x[0, 0] = 0  # a constant row
-        x[0, 1, 3] = float("nan")  # a NaN row: NaN scale, zero codes
-        scale[0, 0, 7] = 3e38  # overflows to ±Inf in some rows: saturated before quantizing
-        shift[0, 0, 11] = 500.0  # an outlier channel
-        by_name = dict(zip(names, (x, w, b, scale, shift)))
-        tensors = [by_name[n].to(DEV) for n in kernel.inputs]
-        out, codes, scales = run_quantizing_rows(kernel, *tensors)
-        want = call(x, w, b, scale, shift)
-    finally:
-        fn.__globals__["N"] = N
+    nodes, names = traced(call, *args(4, 0))
+    kernel = emit_quantizing_rows(nodes)
+    x, w, b, scale, shift = args(34, 1)  # fresh inputs, an odd number of rows a program covers
+    x[0, 0] = 0  # a constant row
+    x[0, 1, 3] = float("nan")  # a NaN row: NaN scale, zero codes
+    scale[0, 0, 7] = 3e38  # overflows to ±Inf in some rows: saturated before quantizing
+    shift[0, 0, 11] = 500.0  # an outlier channel
+    by_name = dict(zip(names, (x, w, b, scale, shift)))
+    tensors = [by_name[n].to(DEV) for n in kernel.inputs]
+    out, codes, scales = run_quantizing_rows(kernel, *tensors)
+    want = call(x, w, b, scale, shift)
     assert torch.equal(out.isnan().cpu(), want.isnan()) and out.isnan()[0, 1].all()
     ok = ~want.isnan()
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2 ** -7)
