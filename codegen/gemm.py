@@ -31,8 +31,8 @@ import torch
 import torch.fx as fx
 
 from .pointwise import (
-    ROUND_BF16_SOURCE, TL_DTYPES, PointwiseKernel, Unsupported, _coordinates, _rank, data_inputs, emit_pointwise,
-    chain_lines, input_offsets, is_row_norm, layout_args, load_kernel, load_lines, named_source, rounded, value_dtype,
+    TL_DTYPES, PointwiseKernel, Unsupported, _coordinates, _rank, data_inputs, emit_pointwise,
+    chain_lines, input_offsets, is_row_norm, layout_args, load_kernel, load_lines, named_source, rounded, source_head, value_dtype,
 )
 
 
@@ -71,13 +71,7 @@ def emit_gemm_epilogue(gemm: fx.Node, chain: list[fx.Node], prefix: str = "gemm_
     size_args = "".join(f"{s.name}, " for s in sizes)
     stride_args = "".join(f"stride{j}_{d}, " for j in range(len(extras)) for d in range(rank))
     lines = [
-        "import triton",
-        "import triton.language as tl",
-        "",
-        "from sixbit_compiler.kernels.gemm import AUTOTUNE_KEY, autotune_kwargs, configs, scaled_tile",
-        "",
-        "",
-        *ROUND_BF16_SOURCE,
+        *source_head("from sixbit_compiler.kernels.gemm import AUTOTUNE_KEY, autotune_kwargs, configs, scaled_tile"),
         "@triton.autotune(configs=configs(int8=True), key=AUTOTUNE_KEY, **autotune_kwargs())",
         "@triton.jit",
         f"def KERNEL(a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, {pointers}out_ptr, M, N, K, M_BUCKET, "

@@ -190,6 +190,13 @@ ROUND_BF16_SOURCE = [
 ]
 
 
+def source_head(*imports: str) -> list[str]:
+    """The first lines of every generated kernel file: Triton, the given import lines, and the
+    ``_round_bf16`` helper."""
+    return ["import triton", "import triton.language as tl", "", *([*imports, ""] if imports else []), "",
+            *ROUND_BF16_SOURCE]
+
+
 def rounded(expr: str, dtype: torch.dtype) -> str:
     """``expr`` (fp32) rounded to ``dtype`` and back, as eager rounds each op's result."""
     if dtype == torch.bfloat16:
@@ -332,11 +339,7 @@ def emit_pointwise(nodes: list[fx.Node], prefix: str = "pointwise") -> Pointwise
     size_args = ", ".join(s.name for s in sizes)
     stride_args = ", ".join(f"stride{j}_{d}" for j in range(len(inputs)) for d in range(rank))
     lines = [
-        "import triton",
-        "import triton.language as tl",
-        "",
-        "",
-        *ROUND_BF16_SOURCE,
+        *source_head(),
         "@triton.jit",
         f"def KERNEL({', '.join(f'in{j}_ptr' for j in range(len(inputs)))}, out_ptr, n_elements, "
         f"{size_args}{', ' if size_args else ''}{stride_args}{', ' if stride_args else ''}"

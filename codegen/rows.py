@@ -30,9 +30,9 @@ import torch
 import torch.fx as fx
 
 from .pointwise import (
-    _LAYER_NORMS, ROUND_BF16_SOURCE, TL_DTYPES, Unsupported, _arg, _index_expressions, _literal, _rank,
+    _LAYER_NORMS, TL_DTYPES, Unsupported, _arg, _index_expressions, _literal, _rank,
     broadcast_inputs, chain_lines, data_inputs, is_row_norm, layout_args, load_kernel, load_lines, named_source,
-    rounded, value_dtype,
+    rounded, source_head, value_dtype,
 )
 
 
@@ -109,13 +109,7 @@ def emit_quantizing_rows(nodes: list[fx.Node], prefix: str = "prologue_int8") ->
     size_args = ", ".join(s.name for s in sizes)
     stride_args = "".join(f"stride{j}_{d}, " for j in range(len(inputs)) for d in range(rank))
     lines = [
-        "import triton",
-        "import triton.language as tl",
-        "",
-        "from sixbit_compiler.kernels._common import encode_rows, is_nan, saturate, where_nan",
-        "",
-        "",
-        *ROUND_BF16_SOURCE,
+        *source_head("from sixbit_compiler.kernels._common import encode_rows, is_nan, saturate, where_nan"),
         "@triton.jit",
         f"def KERNEL({''.join(f'in{j}_ptr, ' for j in range(len(inputs)))}out_ptr, codes_ptr, scales_ptr, n_rows, "
         f"{size_args}, {stride_args}{''.join(f'SAME{j}: tl.constexpr, ' for j in range(len(inputs)))}"
