@@ -228,20 +228,17 @@ def shared_int8_quantization(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x's per-token INT8 codes [..., K] and fp32 scales [..., 1] (``formats.quantize_int8`` over
     the last dim), computed once for the quantized GEMMs that read x (``share_quantization``).
-    They are written when one of those GEMMs' ``slots`` reads INT8 this call, and left
-    unwritten otherwise: a GEMM reads them only when its own precision is INT8."""
+    They are written when one of those GEMMs' ``slots`` reads INT8 this call and the kernels
+    run on x (the only path that reads codes: on CPU without them every GEMM runs the
+    reference, which reads x), and left unwritten otherwise: a GEMM reads them only when its
+    own precision is INT8, on the kernels."""
     codes = torch.empty(x.shape, dtype=torch.int8, device=x.device)
     scales = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
-    if x.numel() and any(Precision(int(precision_slots[s])) == Precision.INT8 for s in slots):
-        x2d = x.reshape(-1, x.shape[-1])
-        if generated_kernels_run_on(x) and x.dtype in (torch.bfloat16, torch.float16, torch.float32):
-            from .kernels.quantize import quantize_int8_rows
+    if (x.numel() and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and generated_kernels_run_on(x)
+            and any(Precision(int(precision_slots[s])) == Precision.INT8 for s in slots)):
+        from .kernels.quantize import quantize_int8_rows
 
-            q, scale, _, _ = quantize_int8_rows(x2d.contiguous())
-        else:  # the spec (CPU without the kernels): consumers on the reference path read x instead
-            from .formats import quantize_int8
-
-            q, scale = quantize_int8(x2d)
+        q, scale, _, _ = quantize_int8_rows(x.reshape(-1, x.shape[-1]).contiguous())
         codes.copy_(q.view(x.shape))
         scales.copy_(scale.view(scales.shape))
     return codes, scales

@@ -60,7 +60,10 @@ def test_rotated_activations_are_left_with_a_note():
     assert len(notes) == 4 and all("hadamard" in n for n in notes)
 
 
-def test_the_op_computes_the_spec_only_when_a_reader_takes_int8():
+def test_the_op_computes_the_spec_only_when_a_reader_takes_int8_on_the_kernels(monkeypatch):
+    import sixbit_compiler.kernels.quantize as kq
+    import sixbit_compiler.ops as ops
+
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 9, 48, generator=g) * 3
     x[0, 1] = 0
@@ -72,16 +75,16 @@ def test_the_op_computes_the_spec_only_when_a_reader_takes_int8():
     assert torch.equal(codes.reshape(-1, 48), ref_codes)
     assert torch.equal(scales.reshape(-1, 1).isnan(), ref_scales.isnan())
     assert torch.equal(scales.reshape(-1, 1).nan_to_num(0), ref_scales.nan_to_num(0))
-    # no INT8 reader this call: nothing computed (the buffers stay as allocated)
     calls = []
-    import sixbit_compiler.formats as formats
-    real = formats.quantize_int8
-    formats.quantize_int8 = lambda *a, **k: calls.append(1) or real(*a, **k)
-    try:
-        shared_int8_quantization(x, slots, [0])
-    finally:
-        formats.quantize_int8 = real
-    assert not calls
+    real = kq.quantize_int8_rows
+    monkeypatch.setattr(kq, "quantize_int8_rows", lambda *a: calls.append(1) or real(*a))
+    shared_int8_quantization(x, slots, [0, 1])
+    assert len(calls) == 1  # (the spy sees the kernel run)
+    shared_int8_quantization(x, slots, [0])  # no INT8 reader this call: nothing computed
+    monkeypatch.setattr(ops, "generated_kernels_run_on", lambda t: False)
+    shared_int8_quantization(x, slots, [0, 1])  # no kernels: every reader runs the reference on x
+    assert len(calls) == 1
+    monkeypatch.undo()
     # (finite input: opcheck compares outputs without NaN == NaN)
     torch.library.opcheck(torch.ops.sixbit.shared_int8_quantization, (torch.randn(2, 9, 48, generator=g), slots, [1]))
 
