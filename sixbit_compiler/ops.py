@@ -71,9 +71,10 @@ def quantized_linear(
     per-channel INT8 (``int8_weights``) comes as int8 codes [N, Kp], fp32 channel scales
     [N, 1] and an unused 1.0 (``weight_store.QuantizedWeight``).
 
-    ``x_codes`` / ``x_scales`` (``share_quantization``): x's per-token INT8 codes and scales,
-    computed once for every GEMM reading x, and valid whenever this call's precision is INT8. An
-    INT8 call on the kernels then skips quantizing x; every other path reads x itself.
+    ``x_codes`` / ``x_scales`` (``share_quantization``, ``quantize_prologues``): x's per-token
+    INT8 codes and scales, computed once for every GEMM reading x, and valid whenever this call's
+    precision is INT8 and the kernels run on x. Such a call then skips quantizing x; every other
+    path (other precisions, the reference, calibration) reads x itself.
     """
     precision = Precision(int(precision_slots[slot]))
     if CALIBRATION_RECORDER is not None:
