@@ -6,7 +6,7 @@ Opt-in: runs only with ``options={"codegen": True, "passes": {"quantize_prologue
 expects ``lower_regions`` ran (and runs before ``share_quantization``, which then leaves these
 activations alone). It measured no faster than the plain prologues plus ``share_quantization``
 on an H100 (docs/benchmarks.md, block run 7): the chunked kernel with codes took 623 µs
-at W-14B's 5,120-wide rows against 610 µs for the plain prologue and a quantization pass, and
+at W-14B's 5,120-wide rows against 624 µs for the plain prologue and a quantization pass, and
 in the W-1.3B block its prologues took 0.53 ms against 0.47 ms for the plain ones with their
 share of the quantization passes.
 
