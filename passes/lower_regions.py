@@ -13,7 +13,7 @@ For every region of ``ctx.regions``:
 * **the prologue chain** (norm, AdaLN modulation, casts): one ``sixbit::region_kernel(key,
   inputs)`` call (``codegen.pointwise``) computing the chain's last node from what it reads;
   a chain with a norm also gets (registered, not called) its chunked variant that writes the
-  output's INT8 codes too (``codegen.rows``), for the opt-in ``quantize_prologues``;
+  output's INT8 codes too (``codegen.rows``), when the opt-in ``quantize_prologues`` is on;
 * an epilogue the GEMM template refuses is lowered like a prologue, on its own.
 
 The replaced nodes are erased. Leaves a chain unfused, with a note in the dump index, when the
@@ -133,7 +133,8 @@ def _lower_chain(gm, ctx, region: FusionRegion, part: str, nodes: list[fx.Node])
         ctx.notes.append(f"codegen: region {region.index} {part} left unfused: {exc}")
         return False
     kernel = REGISTRY.setdefault(kernel.key, kernel)
-    if kernel.rows and not kernel.int8_key:  # a norm prologue: also its variant writing INT8 codes
+    if kernel.rows and not kernel.int8_key and ctx.options.pass_enabled("quantize_prologues"):
+        # a norm prologue, for the opt-in quantize_prologues: also its variant writing INT8 codes
         try:
             variant = rows_codegen.emit_quantizing_rows(nodes)
             kernel.int8_key = rows_codegen.REGISTRY.setdefault(variant.key, variant).key

@@ -46,8 +46,9 @@ import torch.fx as fx
 from sixbit_compiler.codegen import rows as rows_codegen
 from sixbit_compiler.codegen.pointwise import REGISTRY
 from sixbit_compiler.context import CompileContext
-from sixbit_compiler.formats import NVFP4_BLOCK
 from sixbit_compiler.ops import QUANTIZED_GEMMS, REGION_KERNEL, REGION_KERNEL_INT8
+
+from .share_quantization import codes_refusal
 
 _KEPT_META = ("sixbit_block", "sixbit_block_index", "sixbit_region", "sixbit_region_part", "nn_module_stack",
               "stack_trace")
@@ -65,13 +66,7 @@ def _why_not(prologue: fx.Node) -> str | None:
             return f"read by {user.name}, which is not a quantized GEMM taking it as its activation"
         if user.meta.get("sixbit_block") != prologue.meta.get("sixbit_block"):
             return f"read by {user.name} of another block"
-        if user.args[8]:
-            return f"{user.name} rotates its activation (hadamard) before quantizing"
-        if user.args[7] % NVFP4_BLOCK:  # both weight formats store K padded to a whole block
-            return f"{user.name}'s stored weight is padded past the activation's width ({user.args[7]})"
-    if len({u.args[5] for u in prologue.users}) != 1:
-        return "its GEMMs read different precision-slot tensors"
-    return None
+    return codes_refusal(list(prologue.users))
 
 
 def quantize_prologues(gm: fx.GraphModule, ctx: CompileContext) -> None:

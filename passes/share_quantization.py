@@ -45,18 +45,26 @@ from sixbit_compiler.ops import QUANTIZED_GEMMS, SHARED_INT8_QUANTIZATION
 _KEPT_META = ("sixbit_block", "sixbit_block_index", "nn_module_stack", "stack_trace")
 
 
-def _why_not(x: fx.Node, gemms: list[fx.Node]) -> str | None:
-    """None if ``gemms`` (all reading ``x`` as their activation) can share its codes, else why not."""
+def codes_refusal(gemms: list[fx.Node]) -> str | None:
+    """None if quantized GEMMs reading one activation can all take its per-token INT8 codes in
+    place of quantizing it (the condition ``dispatch.usable_codes`` checks per call), else why
+    not. Shared with ``quantize_prologues``."""
     for g in gemms:
         if g.args[8]:
             return f"{g.name} rotates its activation (hadamard) before quantizing"
         if g.args[7] % NVFP4_BLOCK:  # both weight formats store K padded to a whole block
             return f"{g.name}'s stored weight is padded past the activation's width ({g.args[7]})"
-        if "x_codes" in g.kwargs:
-            return f"{g.name} already reads shared codes"
     if len({g.args[5] for g in gemms}) != 1:
         return "the GEMMs read different precision-slot tensors"
     return None
+
+
+def _why_not(gemms: list[fx.Node]) -> str | None:
+    """None if ``gemms`` (all reading one activation) can share its codes, else why not."""
+    taken = next((g for g in gemms if "x_codes" in g.kwargs), None)
+    if taken is not None:
+        return f"{taken.name} already reads shared codes"
+    return codes_refusal(gemms)
 
 
 def share_quantization(gm: fx.GraphModule, ctx: CompileContext) -> None:
@@ -69,7 +77,7 @@ def share_quantization(gm: fx.GraphModule, ctx: CompileContext) -> None:
     for (x, _), gemms in readers.items():
         if len(gemms) < 2 or all("x_codes" in g.kwargs for g in gemms):  # (quantize_prologues fed them)
             continue
-        reason = _why_not(x, gemms)
+        reason = _why_not(gemms)
         if reason:
             ctx.notes.append(f"share_quantization: {x.name} (read by {len(gemms)} GEMMs) left alone: {reason}")
             continue

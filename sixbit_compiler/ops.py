@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from .formats import Precision
-from .reference import quantized_linear_reference, reference_scales, stored_k
+from .reference import quantized_linear_reference, reference_scales
 
 #: Set SIXBIT_KERNELS=0 to run the reference path on GPU too (debugging, A/B checks).
 KERNELS_ENV = "SIXBIT_KERNELS"
@@ -82,7 +82,7 @@ def quantized_linear(
     if linear_kernels_run_on(x):
         from .kernels import dispatch
 
-        codes = (x_codes, x_scales) if precision == Precision.INT8 and x_codes is not None else None
+        codes = dispatch.usable_codes(x_codes, x_scales, precision, hadamard, w_packed)
         out = dispatch.quantized_linear(x, w_packed, w_block_scales, w_tensor_scale, bias, precision, in_features, hadamard,
                                         x_int8=codes)
         if out is not None:
@@ -135,8 +135,9 @@ def linear_epilogue(
         from .kernels import dispatch
 
         if dispatch.unsupported_reason(x, precision) is None:
-            if precision == Precision.INT8 and x_codes is not None and not hadamard and x_codes.shape[-1] == stored_k(w_packed):
-                operands = dispatch.int8_operands_from_codes(x_codes, x_scales, w_packed, w_block_scales, w_tensor_scale)
+            codes = dispatch.usable_codes(x_codes, x_scales, precision, hadamard, w_packed)
+            if codes is not None:
+                operands = dispatch.int8_operands_from_codes(*codes, w_packed, w_block_scales, w_tensor_scale)
             else:
                 x2d = dispatch.gemm_input(x, w_packed, in_features, hadamard, precision)
                 operands = dispatch.ONE_BYTE_OPERANDS[precision](x2d, w_packed, w_block_scales, w_tensor_scale)
@@ -194,6 +195,11 @@ def _region_kernel_fake(key, inputs):
 REGION_KERNEL = torch.ops.sixbit.region_kernel.default
 
 
+def any_reads_int8(precision_slots: torch.Tensor, slots: list[int]) -> bool:
+    """Whether one of the GEMMs with these ``slots`` reads INT8 activations this call."""
+    return any(Precision(int(precision_slots[s])) == Precision.INT8 for s in slots)
+
+
 @torch.library.custom_op("sixbit::region_kernel_int8", mutates_args=())
 def region_kernel_int8(
     key: str, inputs: list[torch.Tensor], precision_slots: torch.Tensor, slots: list[int]
@@ -207,7 +213,7 @@ def region_kernel_int8(
     from .codegen.rows import REGISTRY as ROW_KERNELS, run_quantizing_rows
 
     kernel = REGISTRY[key]
-    if any(Precision(int(precision_slots[s])) == Precision.INT8 for s in slots):
+    if any_reads_int8(precision_slots, slots):
         return run_quantizing_rows(ROW_KERNELS[kernel.int8_key], *inputs)
     out = run_pointwise(kernel, *inputs)
     return (out, out.new_empty(out.shape, dtype=torch.int8),
@@ -236,7 +242,7 @@ def shared_int8_quantization(
     codes = torch.empty(x.shape, dtype=torch.int8, device=x.device)
     scales = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
     if (x.numel() and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and generated_kernels_run_on(x)
-            and any(Precision(int(precision_slots[s])) == Precision.INT8 for s in slots)):
+            and any_reads_int8(precision_slots, slots)):
         from .kernels.quantize import quantize_int8_rows
 
         q, scale, _, _ = quantize_int8_rows(x.reshape(-1, x.shape[-1]).contiguous())

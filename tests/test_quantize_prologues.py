@@ -100,7 +100,8 @@ def test_chunking_pads_rows_least():
 
 def lowered_graph(**options):
     gm, ex = capture(tiny_wan(num_layers=2), **wan_inputs())
-    gm, ctx = context_for(gm, ex, activation="int8", codegen=True, **options)
+    # opted in, so lower_regions also emits each norm prologue's chunked variant
+    gm, ctx = context_for(gm, ex, activation="int8", codegen=True, passes={"quantize_prologues": True}, **options)
     for p in (find_blocks, quantize_linears, fuse_regions, lower_regions):
         p(gm, ctx)
     return (gm, ctx, *apply_pass(quantize_prologues, gm, ctx))

@@ -101,23 +101,35 @@ def gemm_input(x, w_packed, in_features: int, hadamard: bool, precision: Precisi
     return x2d.contiguous()
 
 
+def _int8_weight(w_packed, w_block_scales_bits, w_tensor_scale):
+    """(weight codes, per-channel scale) of the INT8 GEMM: a weight stored as per-channel INT8
+    as it is, an NVFP4 one decoded for this call."""
+    if w_packed.dtype == torch.int8:
+        return w_packed, w_block_scales_bits
+    return decode_nvfp4_to_int8(w_packed, w_block_scales_bits, w_tensor_scale)
+
+
 def int8_operands(x2d, w_packed, w_block_scales_bits, w_tensor_scale):
     """(x codes, per-token scale, weight codes, per-channel scale) of the INT8 GEMM."""
     xq, xs, _, _ = quantize_int8_rows(x2d)
-    if w_packed.dtype == torch.int8:  # stored per-channel INT8: the operand as it is
-        return xq, xs, w_packed, w_block_scales_bits
-    wq, ws = decode_nvfp4_to_int8(w_packed, w_block_scales_bits, w_tensor_scale)
-    return xq, xs, wq, ws
+    return (xq, xs, *_int8_weight(w_packed, w_block_scales_bits, w_tensor_scale))
+
+
+def usable_codes(x_codes, x_scales, precision: Precision, hadamard: bool, w_packed):
+    """(codes, scales) when an activation's shared INT8 codes (``share_quantization``,
+    ``quantize_prologues``) can stand for quantizing x in this call, else None: an INT8 call,
+    codes given, of the unrotated x whose width is the stored weight's K (the passes check the
+    same; this keeps a mismatch from reaching the GEMM)."""
+    if precision != Precision.INT8 or x_codes is None or hadamard or x_codes.shape[-1] != stored_k(w_packed):
+        return None
+    return x_codes, x_scales
 
 
 def int8_operands_from_codes(x_codes, x_scales, w_packed, w_block_scales_bits, w_tensor_scale):
-    """:func:`int8_operands` for an activation its producer already quantized (``x_codes``
-    [..., K] int8, ``x_scales`` [..., 1]): only the weight is decoded."""
+    """:func:`int8_operands` for an activation already quantized (``x_codes`` [..., K] int8,
+    ``x_scales`` [..., 1]): only the weight is decoded."""
     xq, xs = x_codes.reshape(-1, x_codes.shape[-1]), x_scales.reshape(-1, 1)
-    if w_packed.dtype == torch.int8:
-        return xq, xs, w_packed, w_block_scales_bits
-    wq, ws = decode_nvfp4_to_int8(w_packed, w_block_scales_bits, w_tensor_scale)
-    return xq, xs, wq, ws
+    return (xq, xs, *_int8_weight(w_packed, w_block_scales_bits, w_tensor_scale))
 
 
 def fp8_operands(x2d, w_packed, w_block_scales_bits, w_tensor_scale):
@@ -140,8 +152,8 @@ def quantized_linear(
 ):
     """Kernel path; returns None (after logging once) for a case the kernels do not take.
 
-    ``x_int8``: (codes, scales) of x for an INT8 call, already computed by x's producer
-    (``share_quantization``); the call then quantizes nothing.
+    ``x_int8``: (codes, scales) of x from :func:`usable_codes`, for an INT8 call whose activation
+    is already quantized; the call then quantizes nothing.
 
     ``float_gemm`` picks the GEMM of the float tiers ("cublas" / "triton"); by default the
     Triton template for all three, the faster of each pair on the H100 (kernel run 6,
@@ -156,8 +168,6 @@ def quantized_linear(
         return None
     out_dtype = x.dtype
     lead = x.shape[:-1]
-    if x_int8 is not None and (precision != Precision.INT8 or hadamard or x_int8[0].shape[-1] != stored_k(w_packed)):
-        x_int8 = None  # codes of the unrotated, unpadded x only (share_quantization checks this too)
     x2d = None if x_int8 is not None else gemm_input(x, w_packed, in_features, hadamard, precision)
 
     if x_int8 is not None:
