@@ -14,7 +14,7 @@ Prints TFLOP/s and the ratio to bf16 per shape and kernel; writes JSON to $OUT (
 Also counts the wgmma instructions in the PTX Triton generated.
 
     python benchmarks/kernels.py [--shapes 1536x1536,5120x5120] [--m 32760]
-    python benchmarks/kernels.py --gemm-sweep   # every autotuning config of the GEMM template
+    python benchmarks/kernels.py --gemm-sweep [store|feeds]  # the GEMM template's configs, variants
     python benchmarks/kernels.py --quant-sweep  # tilings of the per-token INT8 / FP8 quantization
     python benchmarks/kernels.py --quant-bytes  # HBM bytes of one quantization (Nsight Compute)
 
@@ -68,10 +68,33 @@ def inspect_ptx():
     return found
 
 
-def gemm_sweep(x, w, bias):
+def sweep_variants(sweep_set: str, kind: str, bk: int) -> list:
+    """Configs timed beside the autotuning space. ``feeds``: the two fast kinds apart
+    (persistent without TMA, TMA one tile per program), 16 warps, 128x128 tiles (runs 6-7).
+    ``store``: the persistent TMA configs storing C through a TMA descriptor, whole or in two
+    halves (half the staging buffer, room for a fourth stage); for FP8 also without the
+    accumulator promotion, to measure what it costs."""
+    def cfg(bm, bn, w, st, p, tma, **extra):
+        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "PERSISTENT": p, "TMA": tma, **extra},
+                             num_warps=w, num_stages=st)
+    if sweep_set == "feeds":
+        return [cfg(bm, bn, w, st, p, tma)
+                for p, tma, w, st, shapes in ((True, False, 8, 3, ((256, 128), (128, 256))), (False, True, 8, 3, ((256, 128), (128, 256))),
+                                              (True, True, 16, 3, ((256, 128), (128, 256))), (True, True, 8, 4, ((128, 128),)))
+                for bm, bn in shapes]
+    tiles = ((128, 256), (256, 128))
+    out = [cfg(bm, bn, 8, st, True, True, TMA_STORE=True, STORE_SPLIT=split)
+           for split, st in ((1, 3), (2, 3), (2, 4)) for bm, bn in tiles]
+    if kind == "fp8":
+        out += [cfg(bm, bn, 8, 3, True, True, FAST_ACCUM=True) for bm, bn in tiles]
+        out += [cfg(bm, bn, 8, 3, True, True, FAST_ACCUM=True, TMA_STORE=True, STORE_SPLIT=2) for bm, bn in tiles]
+    return out
+
+
+def gemm_sweep(x, w, bias, sweep_set="store"):
     """Each config of the GEMM template timed alone on INT8, FP8 and bf16 operands (the
-    operands need not be exact quantizations here: only speed is measured, plus one check per
-    kind that the output matches a float64 reference)."""
+    operands need not be exact quantizations here: only speed is measured, plus a check of each
+    config's output, NaN-filled before it runs, against a float64 reference)."""
     from sixbit_compiler.kernels._common import NO_FMA
     from sixbit_compiler.kernels.gemm import _scaled_gemm_body, configs, gemm_grid, launch_with_scratch, m_bucket
 
@@ -89,18 +112,15 @@ def gemm_sweep(x, w, bias):
                                                            scale_b=sw.reshape(1, n), out_dtype=torch.bfloat16))}
     out = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
     for kind, (a, b, sa_, sb_) in operands.items():
-        timings = {}
+        timings, checks = {}, {}
         bk = 64 if kind == "bf16" else 128
-        # the autotuning space, plus the two fast kinds apart: persistent without TMA, TMA one tile per program
-        extra = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "PERSISTENT": p, "TMA": tma},
-                               num_warps=w, num_stages=st)
-                 for p, tma, w, st, shapes in ((True, False, 8, 3, ((256, 128), (128, 256))), (False, True, 8, 3, ((256, 128), (128, 256))),
-                                               (True, True, 16, 3, ((256, 128), (128, 256))), (True, True, 8, 4, ((128, 128),)))
-                 for bm, bn in shapes]
-        for cfg in configs(kind != "bf16") + extra:
+        ref = (a.double() @ b.double().t()) * sa_.double()[:, None] * sb_.double()[None, :] + bias.double()
+        for cfg in configs(kind != "bf16") + sweep_variants(sweep_set, kind, bk):
             meta = dict(cfg.kwargs)
             name = ("{BLOCK_M}x{BLOCK_N}x{BLOCK_K}".format(**meta) + f" w{cfg.num_warps} s{cfg.num_stages}"
-                    + (" persistent" if meta["PERSISTENT"] else "") + (" tma" if meta["TMA"] else ""))
+                    + (" persistent" if meta["PERSISTENT"] else "") + (" tma" if meta["TMA"] else "")
+                    + (f" tma-store/{meta['STORE_SPLIT']}" if meta.get("TMA_STORE") else "")
+                    + (" fast-accum" if meta.get("FAST_ACCUM") else ""))
 
             def run():
                 launch_with_scratch(lambda: _scaled_gemm_body[gemm_grid(m, n, x.device)(meta)](
@@ -108,17 +128,19 @@ def gemm_sweep(x, w, bias):
                     A_ROWWISE=True, B_COLWISE=True, HAS_BIAS=True, INT_ACC=kind == "int8", UPCAST=False,
                     **meta, TMA_OK=True, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **NO_FMA))
             try:
+                out.fill_(float("nan"))  # a tile left unwritten shows in the check
                 run()
+                checks[name] = rel(out, ref)
                 timings[name] = bench(run)
             except Exception as exc:  # e.g. out of shared memory for this tile on this card
                 timings[name] = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
         r[f"sweep_{kind}"] = timings
-        for persistent in (False, True):
-            ok = {c: t for c, t in timings.items() if isinstance(t, float) and ("persistent" in c) == persistent}
+        r[f"check_{kind}_rel_err"] = checks
+        for persistent in (False, True):  # fast accumulation is measured, never shipped
+            ok = {c: t for c, t in timings.items()
+                  if isinstance(t, float) and ("persistent" in c) == persistent and "fast-accum" not in c}
             best = min(ok, key=ok.get) if ok else None
             r[f"best_{kind}_{'persistent' if persistent else 'per_tile'}"] = (best, ok[best]) if best else None
-        ref = (a.double() @ b.double().t()) * sa_.double()[:, None] * sb_.double()[None, :] + bias.double()
-        r[f"check_{kind}_rel_err"] = rel(out, ref)  # the last config run
         del ref
     return r
 
@@ -205,7 +227,8 @@ def main():
     ap.add_argument("--m", type=int, default=32760)
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--quant-only", action="store_true", help="only the quantization and decode kernels")
-    ap.add_argument("--gemm-sweep", action="store_true", help="only the GEMMs: every template config, timed alone")
+    ap.add_argument("--gemm-sweep", nargs="?", const="store", choices=("store", "feeds"),
+                    help="only the GEMMs: every template config and a set of variants (sweep_variants), timed alone")
     ap.add_argument("--quant-sweep", action="store_true", help="only the per-token quantization: tilings, timed alone")
     ap.add_argument("--quant-bytes", action="store_true", help="only the per-token quantization's HBM bytes (ncu)")
     ap.add_argument("--quant-bytes-child", help=argparse.SUPPRESS)
@@ -274,7 +297,7 @@ def main():
         t_bf16 = bench(lambda: x @ w.t())
         r["bf16_cublas"] = t_bf16
         if args.gemm_sweep:
-            r.update(gemm_sweep(x, w, bias))
+            r.update(gemm_sweep(x, w, bias, args.gemm_sweep))
             res["shapes"][shape] = r
             save()
             print(f"\n{shape}: bf16 cuBLAS {flops / t_bf16 / 1e12:.0f} TFLOP/s; FP8 _scaled_mm {t_bf16 / r['fp8_scaled_mm']:.2f}x", flush=True)
@@ -300,6 +323,10 @@ def main():
         r["sixbit_fp8_gemm"] = bench(lambda: scaled_gemm(af, wf_nk, sa, swf.t().contiguous(), bias, torch.bfloat16))
         ref_fp8 = (af.double() @ wf.double().t()) * sa.double() * swf.double() + bias.double()
         r["check_fp8_gemm_rel_err"] = rel(c_fp8, ref_fp8)
+        # the same GEMM with the accumulator promoted to fp32 every 128 K (FP8_FAST_ACCUM off)
+        c_fp8 = scaled_gemm(af, wf_nk, sa, swf.t().contiguous(), bias, torch.bfloat16, fast_accum=False)
+        r["sixbit_fp8_gemm_promoted"] = bench(lambda: scaled_gemm(af, wf_nk, sa, swf.t().contiguous(), bias, torch.bfloat16, fast_accum=False))
+        r["check_fp8_gemm_promoted_rel_err"] = rel(c_fp8, ref_fp8)
         r["fp8_config"] = str(_fp8_gemm.best_config)
         del c_fp8, ref_fp8
 

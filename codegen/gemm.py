@@ -72,20 +72,20 @@ def emit_gemm_epilogue(gemm: fx.Node, chain: list[fx.Node], prefix: str = "gemm_
     stride_args = "".join(f"stride{j}_{d}, " for j in range(len(extras)) for d in range(rank))
     lines = [
         *source_head("from sixbit_compiler.kernels.gemm import AUTOTUNE_KEY, autotune_kwargs, configs, scaled_tile"),
-        "@triton.autotune(configs=configs(int8=True), key=AUTOTUNE_KEY, **autotune_kwargs())",
+        "@triton.autotune(configs=configs(int8=True, tma_store=False), key=AUTOTUNE_KEY, **autotune_kwargs())",
         "@triton.jit",
         f"def KERNEL(a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, {pointers}out_ptr, M, N, K, M_BUCKET, "
         f"stride_am, stride_bn, {size_args}{stride_args}{''.join(f'SAME{j}: tl.constexpr, ' for j in range(len(extras)))}"
         "INDEX_64: tl.constexpr, HAS_BIAS: tl.constexpr, INT_ACC: tl.constexpr, UPCAST: tl.constexpr, "
         "BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, "
-        "PERSISTENT: tl.constexpr, TMA: tl.constexpr, TMA_OK: tl.constexpr):",
+        "FAST_ACCUM: tl.constexpr, PERSISTENT: tl.constexpr, TMA: tl.constexpr, TMA_OK: tl.constexpr):",
         "    # one tile per program, or (PERSISTENT) one program per SM walking the tiles",
         "    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)",
         "    for tile_id in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=PERSISTENT):",
         "        # the kernel issue's GEMM: INT8 (int32 accumulation) or FP8, per-token x per-channel scales, bias",
         "        c, rm, rn = scaled_tile(tile_id, a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K,",
         "                                stride_am, stride_bn, True, True, HAS_BIAS, INT_ACC, UPCAST,",
-        "                                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA)",
+        "                                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA, FAST_ACCUM)",
         "        mask = (rm[:, None] < M) & (rn[None, :] < N)",
         "        # SAMEj: input j is laid out as the output (offset row * N + col); INDEX_64: offsets may pass 2**31",
         "        row = rm[:, None].to(tl.int64) if INDEX_64 else rm[:, None]",
@@ -113,7 +113,7 @@ def run_gemm_epilogue(kernel: GemmEpilogueKernel, xq, xs, wq, ws, bias, extras, 
     when an input would broadcast the output beyond the GEMM's shape."""
     from sixbit_compiler.kernels import interpreting
     from sixbit_compiler.kernels._common import NO_FMA
-    from sixbit_compiler.kernels.gemm import launch_gemm, m_bucket
+    from sixbit_compiler.kernels.gemm import FP8_FAST_ACCUM, launch_gemm, m_bucket
 
     int8 = xq.dtype == torch.int8
     m, k = xq.shape
@@ -131,6 +131,6 @@ def run_gemm_epilogue(kernel: GemmEpilogueKernel, xq, xs, wq, ws, bias, extras, 
         load_kernel(kernel), xq, wq, m, n, xs.reshape(-1), ws.reshape(-1), bias if bias is not None else out, *views, out,
         m, n, k, m_bucket(m), xq.stride(0), wq.stride(0), *shape, *strides, **same,
         INDEX_64=reach + 256 * n >= 2**31, HAS_BIAS=bias is not None,
-        INT_ACC=int8, UPCAST=interpreting() and not int8, **NO_FMA,
+        INT_ACC=int8, UPCAST=interpreting() and not int8, FAST_ACCUM=not int8 and FP8_FAST_ACCUM, **NO_FMA,
     )
     return out

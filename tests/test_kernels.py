@@ -154,11 +154,16 @@ def test_int8_gemm_exact_accumulation(m, n, k, bias):
     assert c.shape == (m, n) and rel_err(c, ref) < 1e-6
 
 
-@pytest.mark.parametrize("persistent, tma", [(False, False), (True, False), (False, True), (True, True)])
-def test_gemm_every_tile_written_once_each_tiling_and_feed(persistent, tma):
+@pytest.mark.parametrize("persistent, tma, store", [
+    (False, False, None), (True, False, None), (False, True, None), (True, True, None),
+    (True, True, 1), (True, True, 2), (False, True, 2)])
+def test_gemm_every_tile_written_once_each_tiling_and_feed(persistent, tma, store):
     """The template body launched directly with each tiling (one program per tile, or a few
-    programs each walking every programs-th tile, an odd count so the last pass is ragged)
-    and each operand feed (pointer loads, or TMA descriptors that zero-fill past the edges)."""
+    programs each walking every programs-th tile, an odd count so the last pass is ragged),
+    each operand feed (pointer loads, or TMA descriptors that zero-fill past the edges) and each
+    store (masked pointer stores, or ``store``: a TMA descriptor store of the whole tile or of
+    its two halves, which the copy engine clips at M and N). C is a view into a larger buffer:
+    nothing outside it may be written."""
     import triton
 
     from sixbit_compiler.kernels.gemm import _scaled_gemm_body, launch_with_scratch
@@ -169,15 +174,18 @@ def test_gemm_every_tile_written_once_each_tiling_and_feed(persistent, tma):
     b = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8).to(DEV)
     sa, sb = torch.rand(m, generator=g).to(DEV), torch.rand(n, generator=g).to(DEV)
     bias = torch.randn(n, generator=g).to(DEV)
-    c = torch.full((m, n), float("nan"), device=DEV)  # a tile never written stays NaN
+    buffer = torch.full((m + 5, n + 8), 7.0, device=DEV)  # rows of 208 fp32: 16-byte aligned for TMA
+    c = buffer[:m, :n].fill_(float("nan"))  # a tile never written stays NaN
     tiles = triton.cdiv(m, 64) * triton.cdiv(n, 64)
     launch_with_scratch(lambda: _scaled_gemm_body[(3 if persistent else tiles,)](
         a, b, c, sa, sb, bias, m, n, k, 512, a.stride(0), b.stride(0), c.stride(0),
         A_ROWWISE=True, B_COLWISE=True, HAS_BIAS=True, INT_ACC=True, UPCAST=False,
         BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=2, PERSISTENT=persistent, TMA=tma, TMA_OK=True, num_warps=4,
+        TMA_STORE=store is not None, STORE_SPLIT=store or 1, TMA_STORE_OK=store is not None,
     ))
     ref = (a.double() @ b.double().t()) * sa.double()[:, None] * sb.double()[None, :] + bias.double()
     assert not c.isnan().any() and rel_err(c, ref) < 1e-6
+    assert (buffer[m:] == 7).all() and (buffer[:, n:] == 7).all()
 
 
 def test_gemm_unaligned_operands_take_the_pointer_configs():
@@ -191,6 +199,11 @@ def test_gemm_unaligned_operands_take_the_pointer_configs():
     assert not tma_takes(a) and tma_takes(torch.zeros(4, 64, dtype=torch.int8, device=DEV))
     assert [c for c in configs(True) if not c.kwargs["TMA"]] == prune_tma_configs(configs(True), {}, TMA_OK=False)
     assert any(c.kwargs["TMA"] for c in configs(True))
+    # TMA-store configs only where C takes a descriptor store (scaled_gemm's TMA_STORE_OK)
+    stores = [c for c in configs(True) if c.kwargs.get("TMA_STORE")]
+    assert stores and not any(c in stores for c in prune_tma_configs(configs(True), {}, TMA_OK=True))
+    assert all(c in prune_tma_configs(configs(True), {}, TMA_OK=True, TMA_STORE_OK=True) for c in stores)
+    assert not any(c.kwargs.get("TMA_STORE") for c in configs(True, tma_store=False))
     sa, sb = torch.rand(40, 1, generator=g).to(DEV), torch.rand(24, 1, generator=g).to(DEV)
     c = scaled_gemm(a, b, sa, sb, None, torch.float32)
     ref = (a.double() @ b.double().t()) * sa.double() * sb.double().t()
@@ -206,18 +219,20 @@ def test_tma_configs_only_where_the_gpu_and_triton_have_descriptors(monkeypatch)
     assert not gemm.tma_available(torch.device("cuda", 0))
 
 
-@pytest.mark.parametrize("m, n, k", [(70, 40, 208), (1, 8, 16)])
-def test_fp8_gemm_exact_products(m, n, k):
+@pytest.mark.parametrize("m, n, k", [(70, 40, 208), (1, 8, 16), (130, 64, 1536)])
+@pytest.mark.parametrize("fast_accum", [True, False])
+def test_fp8_gemm_exact_products(m, n, k, fast_accum):
     g = torch.Generator().manual_seed(m * n + k)
     a = (torch.randn(m, k, generator=g) * 20).to(torch.float8_e4m3fn)
     b = (torch.randn(n, k, generator=g) * 20).to(torch.float8_e4m3fn)
     sa, sb = torch.rand(m, 1, generator=g), torch.rand(n, 1, generator=g)
     bias = torch.randn(n, generator=g)
-    c = scaled_gemm(a.to(DEV), b.to(DEV), sa.to(DEV), sb.to(DEV), bias.to(DEV), torch.float32)
+    c = scaled_gemm(a.to(DEV), b.to(DEV), sa.to(DEV), sb.to(DEV), bias.to(DEV), torch.float32, fast_accum=fast_accum)
     ref = (a.double() @ b.double().t()) * sa.double() * sb.double().t() + bias.double()
-    # exact products; fp32 accumulation (interpreter), or on Hopper ~14-bit accumulation inside
-    # each 128-wide K step, promoted into fp32 between steps
-    assert c.shape == (m, n) and rel_err(c.cpu(), ref) < (1e-6 if DEV == "cpu" else 2e-4)
+    # exact products; fp32 accumulation (interpreter), or on Hopper ~14-bit accumulation through
+    # the K loop (fast_accum) or inside each 128-wide K step, promoted into fp32 between steps
+    tol = 1e-6 if DEV == "cpu" else 1e-3 if fast_accum else 2e-4
+    assert c.shape == (m, n) and rel_err(c.cpu(), ref) < tol
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
@@ -266,7 +281,7 @@ def test_dispatch_matches_reference_op(precision, dtype, hadamard, float_gemm):
     assert torch.equal(got.isnan(), ref.isnan()) and got[0, 3].isnan().all()
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
     if precision == Precision.FP8 and DEV == "cuda":
-        tol = max(tol, 1e-3)  # Hopper's FP8 MMA accumulates ~14 mantissa bits between promotions
+        tol = max(tol, 1e-3)  # Hopper's FP8 MMA accumulates in ~14 mantissa bits (FP8_FAST_ACCUM)
     if float_gemm == "cublas" and precision != Precision.INT8:
         tol = max(tol, 8e-3)  # the product is rounded to bf16 before the tensor scales
     assert rel_err(got.nan_to_num(0), ref.nan_to_num(0)) < tol

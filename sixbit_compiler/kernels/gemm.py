@@ -4,12 +4,13 @@ A is [M, K] and B is [N, K], both K-major (row-major with K contiguous): the lay
 wgmma takes for both operands, and the layout weights are stored in. Operands:
 
 * INT8 x INT8 -> int32 accumulator (exact for K < 133,000), per-token x per-channel scales;
-* FP8 e4m3 x e4m3 -> fp32 accumulator (exact products), per-token x per-channel scales;
+* FP8 e4m3 x e4m3 -> fp32 accumulator (exact products; on Hopper the MMA's own accumulator
+  by default, :data:`FP8_FAST_ACCUM`), per-token x per-channel scales;
 * bf16/fp16 x bf16/fp16 -> fp32 accumulator (the NVFP4 route: exact block values).
 
 ``a_scale`` is per row [M] or a scalar, ``b_scale`` per column [N] or a scalar (constexpr
 flags pick). The epilogue (scales, bias, cast) runs on the accumulator in registers, so C is
-written once. Autotuned per (N, K, M bucket, TMA alignment); results are cached on disk where
+written once, by masked pointer stores or (``TMA_STORE``) by the copy engine from shared memory. Autotuned per (N, K, M bucket, TMA alignment); results are cached on disk where
 Triton allows.
 
 Two launches of the same tile code: persistent programs (one per SM, tile and K loops
@@ -44,29 +45,39 @@ from ._common import NO_FMA, next_pow2
 AUTOTUNE_ENV = "SIXBIT_GEMM_AUTOTUNE"
 
 
-def _config(m, n, k, warps, stages, fast):
-    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, "PERSISTENT": fast, "TMA": fast},
+def _config(m, n, k, warps, stages, fast, store_split=0):
+    """``store_split``: 0 stores C with masked pointer stores; 1 or 2 through a TMA descriptor,
+    the tile whole or in two halves."""
+    extra = {"TMA_STORE": True, "STORE_SPLIT": store_split} if store_split else {}
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, "PERSISTENT": fast, "TMA": fast, **extra},
                          num_warps=warps, num_stages=stages)
 
 
-def configs(int8: bool):
+def configs(int8: bool, tma_store: bool = True):
     """The autotuning space. ``int8``: the one-byte operands (INT8 and FP8), whose K tiles are
-    twice as long.
+    twice as long. ``tma_store``: include the configs that store C through a TMA descriptor
+    (the codegen's generated kernels store with pointers and leave them out).
 
-    The first two are persistent programs fed by the copy engine (``PERSISTENT`` and ``TMA``):
+    The first ones are persistent programs fed by the copy engine (``PERSISTENT`` and ``TMA``):
     one program per SM walks the tiles (:func:`gemm_grid`) in one flattened loop, so the next
     tile's first loads are in flight while this tile's epilogue runs, and operand tiles arrive
     through TMA descriptors instead of per-thread loads. On the H100 they were 1.60x bf16 cuBLAS
     on average over the six Wan shapes for INT8 against 1.43x for the best one-tile-per-program
-    config, and 0.93x against 0.84x for the bf16 template (``docs/kernels.md``). TMA needs
-    16-byte aligned rows, so the pointer configs after them serve the other operands
-    (:func:`prune_tma_configs`). Under the interpreter, one 64-wide tile of the fast kind, several
-    tiles per program, so that the CPU tests walk the same path."""
+    config, and 0.93x against 0.84x for the bf16 template (``docs/kernels.md``). Storing C
+    through a descriptor (the copy engine writes it from shared memory while the program goes
+    on) gained up to 5 % at K = 1536, and a fourth pipeline stage fits when C goes out in two
+    halves; at other shapes the pointer store won as often, so both stay and the autotuner picks.
+    TMA needs 16-byte aligned rows, so the pointer configs after them serve the other operands
+    (:func:`prune_tma_configs`). Under the interpreter, 64-wide tiles of the fast kinds, several
+    tiles per program, so that the CPU tests walk the same paths."""
     if interpreting():
-        return [_config(64, 64, 64, 4, 1, True), _config(64, 64, 64, 4, 1, False)]
+        return [_config(64, 64, 64, 4, 1, True, 2 if tma_store else 0), _config(64, 64, 64, 4, 1, True),
+                _config(64, 64, 64, 4, 1, False)]
     bk = 128 if int8 else 64
-    return [_config(128, 256, bk, 8, 3, True), _config(256, 128, bk, 8, 3, True),
-            _config(256, 128, bk, 8, 3, False), _config(128, 256, bk, 8, 3, False), _config(128, 128, bk, 8, 4, False)]
+    fast = [_config(128, 256, bk, 8, 3, True), _config(256, 128, bk, 8, 3, True)]
+    if tma_store:
+        fast += [_config(128, 256, bk, 8, 3, True, 1), _config(128, 256, bk, 8, 4, True, 2), _config(256, 128, bk, 8, 4, True, 2)]
+    return fast + [_config(256, 128, bk, 8, 3, False), _config(128, 256, bk, 8, 3, False), _config(128, 128, bk, 8, 4, False)]
 
 
 def tma_takes(t: torch.Tensor) -> bool:
@@ -103,9 +114,11 @@ def _sm_count(index: int) -> int:
 def prune_tma_configs(configs, named_args, **kwargs):
     """Drop the TMA configs where TMA cannot feed the kernel (``TMA_OK`` false: operands not
     aligned for it, or no descriptors on this GPU; the GEMMs' and the attention kernel's
-    autotuners share it). ``TMA_OK`` is part of the tuning key, so a cached choice never
-    crosses it."""
-    return [c for c in configs if kwargs["TMA_OK"] or not c.kwargs["TMA"]]
+    autotuners share it), and the TMA-store configs where C cannot take a descriptor store
+    (``TMA_STORE_OK``, passed only by kernels that have such configs). Both flags are part of
+    the tuning key, so a cached choice never crosses them."""
+    return [c for c in configs if (kwargs["TMA_OK"] or not c.kwargs["TMA"])
+            and (kwargs.get("TMA_STORE_OK", False) or not c.kwargs.get("TMA_STORE", False))]
 
 
 def single_config() -> bool:
@@ -113,11 +126,14 @@ def single_config() -> bool:
     return interpreting() or os.environ.get(AUTOTUNE_ENV, "1") == "0"
 
 
-def launch_gemm(kernel, a, b, m, n, *args, **kwargs):
+def launch_gemm(kernel, a, b, m, n, *args, store_to: torch.Tensor | None = None, **kwargs):
     """Launch an autotuned GEMM-template kernel (this module's, or a generated one) on A [m, K]
-    and B [n, K]: the grid per config, the TMA alignment flag, Triton's scratch allocator, and
-    without autotuning the first config that takes the operands."""
+    and B [n, K]: the grid per config, the TMA alignment flags, Triton's scratch allocator, and
+    without autotuning the first config that takes the operands. ``store_to``: C, for kernels
+    with TMA-store configs (whether C's rows take a descriptor store)."""
     aligned = tma_takes(a) and tma_takes(b)
+    if store_to is not None:
+        kwargs["TMA_STORE_OK"] = aligned and tma_takes(store_to)
     grid = gemm_grid(m, n, a.device)
 
     def launch():
@@ -125,7 +141,7 @@ def launch_gemm(kernel, a, b, m, n, *args, **kwargs):
             return kernel[grid](a, b, *args, TMA_OK=aligned, **kwargs)
         # A persistent program holds its pipeline and its epilogue's layout change in shared
         # memory at once: with an fp32 output a 128x256 tile needs 272 KB (H100: 227 KB).
-        fits = prune_tma_configs(kernel.configs, {}, TMA_OK=aligned)
+        fits = prune_tma_configs(kernel.configs, {}, TMA_OK=aligned, **kwargs)
         for cfg in fits:
             try:
                 return kernel.fn[grid](a, b, *args, TMA_OK=aligned, **kwargs, **cfg.all_kwargs())
@@ -188,7 +204,7 @@ AUTOTUNE_KEY = ["N", "K", "M_BUCKET", "TMA_OK"]
 
 
 def _autotune(int8: bool):
-    return triton.autotune(configs=configs(int8), key=AUTOTUNE_KEY, **autotune_kwargs())
+    return triton.autotune(configs=configs(int8), key=AUTOTUNE_KEY + ["TMA_STORE_OK", "FAST_ACCUM"], **autotune_kwargs())
 
 
 def m_bucket(m: int) -> int:
@@ -215,7 +231,7 @@ def scaled_tile(
     A_ROWWISE: tl.constexpr, B_COLWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
     INT_ACC: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, FAST_ACCUM: tl.constexpr = False,
 ):
     """Output tile ``tile_id``: (A·Bᵀ) * scales + bias in fp32, with its row and column
     indices (rows past M and columns past N are garbage; the caller masks its store).
@@ -262,9 +278,13 @@ def scaled_tile(
         if INT_ACC:
             acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
         else:
-            # FP8 on Hopper: the MMA keeps ~14 mantissa bits while it accumulates; promote into
-            # the fp32 accumulator once per BLOCK_K (DeepSeek-V3's recipe). Ignored for bf16.
-            acc = tl.dot(a, tl.trans(b), acc, max_num_imprecise_acc=BLOCK_K)
+            # FP8 on Hopper: the MMA keeps ~14 mantissa bits while it accumulates. FAST_ACCUM
+            # leaves it there (FP8_FAST_ACCUM); otherwise each BLOCK_K step is promoted into
+            # the fp32 accumulator (DeepSeek-V3's recipe). Both ignored for bf16.
+            if FAST_ACCUM:
+                acc = tl.dot(a, tl.trans(b), acc)
+            else:
+                acc = tl.dot(a, tl.trans(b), acc, max_num_imprecise_acc=BLOCK_K)
 
     c = acc.to(tl.float32)
     if A_ROWWISE:
@@ -288,18 +308,34 @@ def _scaled_gemm_body(
     INT_ACC: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PERSISTENT: tl.constexpr, TMA: tl.constexpr, TMA_OK: tl.constexpr,
+    TMA_STORE_OK: tl.constexpr = False, FAST_ACCUM: tl.constexpr = False,
+    TMA_STORE: tl.constexpr = False, STORE_SPLIT: tl.constexpr = 1,
 ):
     tl.static_assert(TMA_OK or not TMA, "TMA needs 16-byte aligned operand rows")
+    tl.static_assert(TMA_STORE_OK or not TMA_STORE, "a TMA store needs 16-byte aligned rows of C")
+    if TMA_STORE:  # the copy engine writes C from shared memory and clips at M and N
+        c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1],
+                                           block_shape=[BLOCK_M, BLOCK_N // STORE_SPLIT])
     # one tile per program, or (PERSISTENT) every programs-th tile; flattening the two loops
     # lets the software pipeliner issue the next tile's first loads before this tile's store
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     for tile_id in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=PERSISTENT):
         c, rm, rn = scaled_tile(
             tile_id, a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, stride_am, stride_bn,
-            A_ROWWISE, B_COLWISE, HAS_BIAS, INT_ACC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA,
+            A_ROWWISE, B_COLWISE, HAS_BIAS, INT_ACC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA, FAST_ACCUM,
         )
-        cmask = (rm[:, None] < M) & (rn[None, :] < N)
-        tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :], c.to(c_ptr.dtype.element_ty), mask=cmask)
+        c = c.to(c_ptr.dtype.element_ty)
+        if TMA_STORE:
+            m0, n0 = tile_origin(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            if STORE_SPLIT == 2:  # two half-width stores: half the staging buffer in shared memory
+                c0, c1 = tl.split(tl.permute(tl.reshape(c, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+                c_desc.store([m0, n0], c0)
+                c_desc.store([m0, n0 + BLOCK_N // 2], c1)
+            else:
+                c_desc.store([m0, n0], c)
+        else:
+            cmask = (rm[:, None] < M) & (rn[None, :] < N)
+            tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :], c, mask=cmask)
 
 
 _int8_gemm = _autotune(True)(_scaled_gemm_body)
@@ -307,8 +343,18 @@ _fp8_gemm = _autotune(True)(_scaled_gemm_body)
 _float_gemm = _autotune(False)(_scaled_gemm_body)
 
 
-def scaled_gemm(a, b, a_scale, b_scale, bias=None, out_dtype=torch.bfloat16):
-    """(a [M,K] · b [N,K]ᵀ) * a_scale * b_scale + bias -> [M, N] in out_dtype."""
+#: How the FP8 GEMMs accumulate on Hopper. True: in the MMA's own accumulator through the whole
+#: K loop (about 14 mantissa bits kept between MMAs; cuBLAS's fast-accumulation mode, the
+#: default of fbgemm's and torchao's FP8 inference). False: promoted into an fp32 accumulator
+#: every BLOCK_K (DeepSeek-V3's recipe). On the H100 the promotion cost 20-25 % of the GEMM and
+#: kept it under the kernel issue's 1.4x bf16, while the error it removes was measured below a
+#: tenth of the FP8 quantization's own at every Wan shape (docs/kernels.md#fp8-on-hopper-accumulation-precision).
+FP8_FAST_ACCUM = True
+
+
+def scaled_gemm(a, b, a_scale, b_scale, bias=None, out_dtype=torch.bfloat16, fast_accum: bool | None = None):
+    """(a [M,K] · b [N,K]ᵀ) * a_scale * b_scale + bias -> [M, N] in out_dtype. ``fast_accum``
+    (FP8 only): None takes :data:`FP8_FAST_ACCUM`."""
     assert a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[1]
     assert a.stride(1) == 1 and b.stride(1) == 1 and a.dtype == b.dtype
     m, k = a.shape
@@ -323,6 +369,7 @@ def scaled_gemm(a, b, a_scale, b_scale, bias=None, out_dtype=torch.bfloat16):
         m, n, k, m_bucket(m), a.stride(0), b.stride(0), out.stride(0),
         A_ROWWISE=a_scale.dim() == 1, B_COLWISE=b_scale.dim() == 1, HAS_BIAS=bias is not None,
         INT_ACC=int8, UPCAST=interpreting() and not int8,  # fp8 and bf16 dots: fp32 in the interpreter
+        FAST_ACCUM=fp8 and (FP8_FAST_ACCUM if fast_accum is None else fast_accum), store_to=out,
         **NO_FMA,  # the epilogue rounds as separate PyTorch ops would (scale, scale, bias)
     )
     return out
