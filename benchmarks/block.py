@@ -52,6 +52,8 @@ MODES = {
     "sixbit_int8_attention": {"activation": "int8", "attention": "int8"},  # the default (unfused) path
     # attention too: INT8 Q·Kᵀ, FP8 P·V (its non-attention part subtracts that attention's time)
     "sixbit_fused_int8_attention": {"activation": "int8", "codegen": True, "attention": "int8"},
+    # the FP8 tier's activations (per-token e4m3, the FP8 GEMM accumulating in the MMA) instead of INT8
+    "sixbit_fp8_int8_attention": {"activation": "fp8", "attention": "int8"},
     # the same with the norm prologues also writing their GEMMs' INT8 codes (opt-in quantize_prologues)
     "sixbit_fused_int8_attention_prologue_codes": {"activation": "int8", "codegen": True, "attention": "int8",
                                                    "passes": {"quantize_prologues": True}},

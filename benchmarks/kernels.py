@@ -145,7 +145,7 @@ def gemm_sweep(x, w, bias, sweep_set="store"):
     return r
 
 
-def quant_sweep(x):
+def quant_sweep(x, sweep_set="tilings"):
     """The per-token quantization kernel under each tiling, timed alone (GB/s of its minimum
     traffic: read 2 B, write 1 B an element): whole rows in registers (one chunk, the row
     padded to a power of two) against rows in chunks re-read from L2, each over rows per
@@ -163,18 +163,23 @@ def quant_sweep(x):
     amax = torch.empty(m, dtype=torch.float32, device=x.device)
     abssum = torch.empty(m, dtype=torch.float32, device=x.device)
     whole = triton.next_power_of_2(k)
-    configs = [(bm, whole, w, True, 1) for bm in (1, 2, 4) for w in (4, 8, 16) if bm * whole <= 32768]
-    configs += [(bm, bk, w, False, st) for bm in (1, 2, 4, 8, 16) for bk in (256, 512, 1024, 2048, 4096)
-                for w in (2, 4, 8, 16) for st in (1, 3) if 512 <= bm * bk <= 16384 and bk < k and bm * bk >= 64 * w]
+    if sweep_set == "hints":  # the shipped tilings with and without the L2 eviction hints
+        from sixbit_compiler.kernels.quantize import ROW_TILINGS
+        configs = [(bm, bk, w, False, 1, hints) for bm, bk, w in ROW_TILINGS if bk < k for hints in (False, True)]
+    else:
+        configs = [(bm, whole, w, True, 1, False) for bm in (1, 2, 4) for w in (4, 8, 16) if bm * whole <= 32768]
+        configs += [(bm, bk, w, False, st, False) for bm in (1, 2, 4, 8, 16) for bk in (256, 512, 1024, 2048, 4096)
+                    for w in (2, 4, 8, 16) for st in (1, 3) if 512 <= bm * bk <= 16384 and bk < k and bm * bk >= 64 * w]
     for fp8 in (False, True):
         timings = {}
-        for bm, bk, w, one, st in configs:
-            name = f"{'row' if one else 'chunks'} m{bm} k{bk} w{w} s{st}"
+        for bm, bk, w, one, st, hints in configs:
+            name = f"{'row' if one else 'chunks'} m{bm} k{bk} w{w} s{st}" + (" l2-hints" if hints else "")
 
             def run():
                 _rows_kernel[(triton.cdiv(m, bm),)](
                     x, q, scale, amax, abssum, m, k, x.stride(0), q.stride(0), torch.finfo(x.dtype).max,
-                    FP8=fp8, BLOCK_M=bm, BLOCK_K=bk, ONE_CHUNK=one, HW_CVT=True, num_warps=w, num_stages=st, **NO_FMA)
+                    FP8=fp8, BLOCK_M=bm, BLOCK_K=bk, ONE_CHUNK=one, HW_CVT=True, L2_HINTS=hints,
+                    num_warps=w, num_stages=st, **NO_FMA)
             try:
                 run()
                 if not fp8 and not (torch.equal(q, ref_q) and torch.equal(scale, ref_s)):
@@ -229,7 +234,8 @@ def main():
     ap.add_argument("--quant-only", action="store_true", help="only the quantization and decode kernels")
     ap.add_argument("--gemm-sweep", nargs="?", const="store", choices=("store", "feeds"),
                     help="only the GEMMs: every template config and a set of variants (sweep_variants), timed alone")
-    ap.add_argument("--quant-sweep", action="store_true", help="only the per-token quantization: tilings, timed alone")
+    ap.add_argument("--quant-sweep", nargs="?", const="tilings", choices=("tilings", "hints"),
+                    help="only the per-token quantization: tilings (or the shipped ones with L2 hints), timed alone")
     ap.add_argument("--quant-bytes", action="store_true", help="only the per-token quantization's HBM bytes (ncu)")
     ap.add_argument("--quant-bytes-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -278,7 +284,7 @@ def main():
             print(shape, r, flush=True)
             continue
         if args.quant_sweep:
-            r = quant_sweep(x)
+            r = quant_sweep(x, args.quant_sweep)
             res["shapes"][shape] = r
             save()
             print(f"{shape}: shipped {r['shipped_GBps']:.0f} GB/s (untuned {r['untuned_tiling']}); best int8 {r['int8']['best']}, "

@@ -64,10 +64,13 @@ def test_int8_row_quant_matches_spec(m, k, dtype):
 
 @pytest.mark.parametrize("tiling", qk.ROW_TILINGS)
 @pytest.mark.parametrize("fp8", [False, True])
-def test_every_autotuned_row_tiling_matches_spec(tiling, fp8, monkeypatch):
-    """Each tiling the autotuner may pick, forced as the untuned choice, on a row that is not a
-    multiple of any chunk (5 rows: programs of 2, 4 and 8 rows with a ragged last one)."""
+@pytest.mark.parametrize("hints", qk.HINTS)
+def test_every_autotuned_row_tiling_matches_spec(tiling, fp8, hints, monkeypatch):
+    """Each tiling the autotuner may pick, with and without the L2 eviction hints, forced as
+    the untuned choice, on a row that is not a multiple of any chunk (5 rows: programs of 2, 4
+    and 8 rows with a ragged last one)."""
     monkeypatch.setattr(qk, "ROW_TILINGS", (tiling,))
+    monkeypatch.setattr(qk, "HINTS", (hints,))
     monkeypatch.setattr(qk, "single_config", lambda: True)
     x = nasty(5, 2048 + 528, torch.bfloat16, seed=7)
     q, scale, _, _ = qk.quantize_fp8_rows(x) if fp8 else quantize_int8_rows(x)
