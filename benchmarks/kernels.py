@@ -82,6 +82,12 @@ def sweep_variants(sweep_set: str, kind: str, bk: int) -> list:
                 for p, tma, w, st, shapes in ((True, False, 8, 3, ((256, 128), (128, 256))), (False, True, 8, 3, ((256, 128), (128, 256))),
                                               (True, True, 16, 3, ((256, 128), (128, 256))), (True, True, 8, 4, ((128, 128),)))
                 for bm, bn in shapes]
+    if sweep_set == "wide":  # 256x256 tiles, 16 warps: half the L2 -> shared traffic per MMA of 256x128
+        wide = [cfg(256, 256, 16, st, True, True, TMA_STORE=True, STORE_SPLIT=split) for split, st in ((2, 2), (4, 3))]
+        if kind != "bf16":
+            wide.append(triton.Config({"BLOCK_M": 256, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "PERSISTENT": True,
+                                       "TMA": True, "TMA_STORE": True, "STORE_SPLIT": 2}, num_warps=16, num_stages=4))
+        return wide
     tiles = ((128, 256), (256, 128))
     out = [cfg(bm, bn, 8, st, True, True, TMA_STORE=True, STORE_SPLIT=split)
            for split, st in ((1, 3), (2, 3), (2, 4)) for bm, bn in tiles]
@@ -126,7 +132,7 @@ def gemm_sweep(x, w, bias, sweep_set="store"):
                 launch_with_scratch(lambda: _scaled_gemm_body[gemm_grid(m, n, x.device)(meta)](
                     a, b, out, sa_, sb_, bias, m, n, k, m_bucket(m), a.stride(0), b.stride(0), out.stride(0),
                     A_ROWWISE=True, B_COLWISE=True, HAS_BIAS=True, INT_ACC=kind == "int8", UPCAST=False,
-                    **meta, TMA_OK=True, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **NO_FMA))
+                    **meta, TMA_OK=True, TMA_STORE_OK=True, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **NO_FMA))
             try:
                 out.fill_(float("nan"))  # a tile left unwritten shows in the check
                 run()
@@ -232,7 +238,7 @@ def main():
     ap.add_argument("--m", type=int, default=32760)
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--quant-only", action="store_true", help="only the quantization and decode kernels")
-    ap.add_argument("--gemm-sweep", nargs="?", const="store", choices=("store", "feeds"),
+    ap.add_argument("--gemm-sweep", nargs="?", const="store", choices=("store", "feeds", "wide"),
                     help="only the GEMMs: every template config and a set of variants (sweep_variants), timed alone")
     ap.add_argument("--quant-sweep", nargs="?", const="tilings", choices=("tilings", "hints"),
                     help="only the per-token quantization: tilings (or the shipped ones with L2 hints), timed alone")

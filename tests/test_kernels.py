@@ -159,7 +159,7 @@ def test_int8_gemm_exact_accumulation(m, n, k, bias):
 
 @pytest.mark.parametrize("persistent, tma, store", [
     (False, False, None), (True, False, None), (False, True, None), (True, True, None),
-    (True, True, 1), (True, True, 2), (False, True, 2)])
+    (True, True, 1), (True, True, 2), (True, True, 4), (False, True, 2)])
 def test_gemm_every_tile_written_once_each_tiling_and_feed(persistent, tma, store):
     """The template body launched directly with each tiling (one program per tile, or a few
     programs each walking every programs-th tile, an odd count so the last pass is ragged),

@@ -331,6 +331,14 @@ def _scaled_gemm_body(
                 c0, c1 = tl.split(tl.permute(tl.reshape(c, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
                 c_desc.store([m0, n0], c0)
                 c_desc.store([m0, n0 + BLOCK_N // 2], c1)
+            elif STORE_SPLIT == 4:  # four quarter-width stores (the widest tiles)
+                c0, c1 = tl.split(tl.permute(tl.reshape(c, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+                c00, c01 = tl.split(tl.permute(tl.reshape(c0, (BLOCK_M, 2, BLOCK_N // 4)), (0, 2, 1)))
+                c10, c11 = tl.split(tl.permute(tl.reshape(c1, (BLOCK_M, 2, BLOCK_N // 4)), (0, 2, 1)))
+                c_desc.store([m0, n0], c00)
+                c_desc.store([m0, n0 + BLOCK_N // 4], c01)
+                c_desc.store([m0, n0 + BLOCK_N // 2], c10)
+                c_desc.store([m0, n0 + 3 * BLOCK_N // 4], c11)
             else:
                 c_desc.store([m0, n0], c)
         else:
