@@ -21,10 +21,10 @@ Writes ``fp8_accumulation.json`` to $OUT (or ./out).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 
 import torch
+
+from _results import write_json
 
 SHAPES = ["1536x1536", "1536x8960", "8960x1536", "5120x5120", "5120x13824", "13824x5120"]
 
@@ -76,10 +76,7 @@ def main():
         print(shape, {key: f"{v:.2e}" for key, v in r.items()}, flush=True)
         del x, w, qw, af, wf, exact, ref, w_fp8
         torch.cuda.empty_cache()
-    out_dir = os.environ.get("OUT", "out")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "fp8_accumulation.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    write_json("fp8_accumulation.json", res)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import torch
+
+from _results import write_json
 
 
 def _median_ms(fn, reps=10):
@@ -59,10 +60,7 @@ def main(argv=None):
               **{f"{k}_ms": round(v, 3) for k, v in ms.items()},
               **{f"{k}_gb_s": round((2 if k == "both" else 1) * n / v / 1e6, 1) for k, v in ms.items()}}
     print(json.dumps(result))
-    out = os.environ.get("OUT", "out")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "pcie.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    write_json("pcie.json", result)
     return result
 
 

@@ -13,8 +13,6 @@ chunked kernel's codes equal the quantization pass's and its output the plain ke
 
 from __future__ import annotations
 
-import json
-import os
 
 import torch
 import torch.fx as fx
@@ -23,6 +21,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from sixbit_compiler.codegen import pointwise, rows
 from sixbit_compiler.kernels.quantize import quantize_int8_rows
+
+from _results import write_json
 
 F = torch.nn.functional
 TOKENS = 32760
@@ -72,10 +72,7 @@ def main():
         r["out_rel_err_vs_plain"] = float((out.float() - y.float()).norm() / y.float().norm())
         res[str(width)] = r
         print(width, {k: round(v, 1) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
-    out_dir = os.environ.get("OUT", "out")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "prologue_chunked.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    write_json("prologue_chunked.json", res)
 
 
 if __name__ == "__main__":

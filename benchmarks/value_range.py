@@ -8,11 +8,11 @@ GPU, with a check that both give the same values. Writes ``attention_aminmax.jso
 
 from __future__ import annotations
 
-import json
-import os
 
 import torch
 import triton
+
+from _results import write_json
 
 
 def main():
@@ -27,10 +27,7 @@ def main():
     low, high = torch.aminmax(v, dim=-2)
     res["equal"] = bool(torch.equal(low, v.amin(dim=-2)) and torch.equal(high, v.amax(dim=-2)))
     print(res)
-    out_dir = os.environ.get("OUT", "out")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "attention_aminmax.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    write_json("attention_aminmax.json", res)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,12 @@ the weight SQNR each gives, and the peak memory allocated while quantizing. Writ
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import torch
 import triton
+
+from _results import write_json
 
 SHAPES = ((5120, 5120), (13824, 5120), (5120, 13824))
 
@@ -45,10 +46,7 @@ def main():
                 "ms": seconds * 1e3, "sqnr_db": float(sqnr), "transient_peak_gb": peak / 1e9}
             del out, decoded
     print(json.dumps(res, indent=1))
-    out_dir = os.environ.get("OUT", "out")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "weight_scales.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    write_json("weight_scales.json", res)
 
 
 if __name__ == "__main__":
