@@ -42,7 +42,7 @@ from ._common import NO_FMA, next_pow2
 
 
 #: Set SIXBIT_GEMM_AUTOTUNE=0 to skip autotuning (the first config that takes the operands):
-#: tests at small shapes then compile one config per kernel instead of five.
+#: tests at small shapes then compile one config per kernel instead of eight.
 AUTOTUNE_ENV = "SIXBIT_GEMM_AUTOTUNE"
 
 
