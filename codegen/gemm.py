@@ -32,7 +32,8 @@ import torch.fx as fx
 
 from .pointwise import (
     TL_DTYPES, PointwiseKernel, Unsupported, _coordinates, _rank, data_inputs, emit_pointwise,
-    chain_lines, input_offsets, is_row_norm, layout_args, load_kernel, load_lines, named_source, rounded, source_head, value_dtype,
+    chain_lines, input_offsets, input_parameters, is_row_norm, layout_args, load_kernel, load_lines, named_source,
+    rounded, source_head, value_dtype,
 )
 
 
@@ -67,18 +68,17 @@ def emit_gemm_epilogue(gemm: fx.Node, chain: list[fx.Node], prefix: str = "gemm_
 
     var = {a: f"in{j}" for j, a in enumerate(extras)}
     var[gemm] = "g"
-    pointers = "".join(f"in{j}_ptr, " for j in range(len(extras)))
-    size_args = "".join(f"{s.name}, " for s in sizes)
-    stride_args = "".join(f"stride{j}_{d}, " for j in range(len(extras)) for d in range(rank))
+    pointers, layout, same = input_parameters(len(extras), sizes, rank)
+    constexprs = ["INDEX_64", "HAS_BIAS", "INT_ACC", "UPCAST", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M",
+                  "FAST_ACCUM", "PERSISTENT", "TMA", "TMA_OK"]
+    params = (["a_ptr", "b_ptr", "a_scale_ptr", "b_scale_ptr", "bias_ptr"] + pointers
+              + ["out_ptr", "M", "N", "K", "M_BUCKET", "stride_am", "stride_bn"] + layout + same
+              + [f"{c}: tl.constexpr" for c in constexprs])
     lines = [
         *source_head("from sixbit_compiler.kernels.gemm import AUTOTUNE_KEY, autotune_kwargs, configs, scaled_tile"),
         "@triton.autotune(configs=configs(int8=True, tma_store=False), key=AUTOTUNE_KEY, **autotune_kwargs())",
         "@triton.jit",
-        f"def KERNEL(a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, {pointers}out_ptr, M, N, K, M_BUCKET, "
-        f"stride_am, stride_bn, {size_args}{stride_args}{''.join(f'SAME{j}: tl.constexpr, ' for j in range(len(extras)))}"
-        "INDEX_64: tl.constexpr, HAS_BIAS: tl.constexpr, INT_ACC: tl.constexpr, UPCAST: tl.constexpr, "
-        "BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, "
-        "FAST_ACCUM: tl.constexpr, PERSISTENT: tl.constexpr, TMA: tl.constexpr, TMA_OK: tl.constexpr):",
+        f"def KERNEL({', '.join(params)}):",
         "    # one tile per program, or (PERSISTENT) one program per SM walking the tiles",
         "    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)",
         "    for tile_id in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=PERSISTENT):",

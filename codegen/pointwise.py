@@ -197,6 +197,17 @@ def source_head(*imports: str) -> list[str]:
             *ROUND_BF16_SOURCE]
 
 
+def input_parameters(n_inputs: int, sizes: list, rank: int) -> tuple[list[str], list[str], list[str]]:
+    """The parameters every generated kernel takes for a chain's outside inputs, as three lists
+    of names to place in its signature: the inputs' pointers (``inN_ptr``), the output's sizes
+    and each input's strides (``sizeD``, ``strideN_D``), and the ``SAMEN`` flags (input N is
+    laid out as the output)."""
+    pointers = [f"in{j}_ptr" for j in range(n_inputs)]
+    layout = [s.name for s in sizes] + [f"stride{j}_{d}" for j in range(n_inputs) for d in range(rank)]
+    same = [f"SAME{j}: tl.constexpr" for j in range(n_inputs)]
+    return pointers, layout, same
+
+
 def rounded(expr: str, dtype: torch.dtype) -> str:
     """``expr`` (fp32) rounded to ``dtype`` and back, as eager rounds each op's result."""
     if dtype == torch.bfloat16:
@@ -336,14 +347,12 @@ def emit_pointwise(nodes: list[fx.Node], prefix: str = "pointwise") -> Pointwise
     rank = _rank(out)
     sizes, offsets = _index_expressions(rank, len(inputs))
     var = {a: f"in{j}" for j, a in enumerate(inputs)}
-    size_args = ", ".join(s.name for s in sizes)
-    stride_args = ", ".join(f"stride{j}_{d}" for j in range(len(inputs)) for d in range(rank))
+    pointers, layout, same = input_parameters(len(inputs), sizes, rank)
+    params = pointers + ["out_ptr", "n_elements"] + layout + same + ["INDEX_64: tl.constexpr", "BLOCK: tl.constexpr"]
     lines = [
         *source_head(),
         "@triton.jit",
-        f"def KERNEL({', '.join(f'in{j}_ptr' for j in range(len(inputs)))}, out_ptr, n_elements, "
-        f"{size_args}{', ' if size_args else ''}{stride_args}{', ' if stride_args else ''}"
-        f"{''.join(f'SAME{j}: tl.constexpr, ' for j in range(len(inputs)))}INDEX_64: tl.constexpr, BLOCK: tl.constexpr):",
+        f"def KERNEL({', '.join(params)}):",
         "    # SAMEj: input j is laid out as the output (read at i, no index arithmetic);",
         "    # INDEX_64: offsets may pass 2**31 (else 32-bit index arithmetic, much cheaper)",
         "    pid = tl.program_id(0).to(tl.int64) if INDEX_64 else tl.program_id(0)",

@@ -31,8 +31,8 @@ import torch.fx as fx
 
 from .pointwise import (
     _LAYER_NORMS, TL_DTYPES, Unsupported, _arg, _index_expressions, _literal, _rank,
-    broadcast_inputs, chain_lines, data_inputs, is_row_norm, layout_args, load_kernel, load_lines, named_source,
-    rounded, source_head, value_dtype,
+    broadcast_inputs, chain_lines, data_inputs, input_parameters, is_row_norm, layout_args, load_kernel, load_lines,
+    named_source, rounded, source_head, value_dtype,
 )
 
 
@@ -106,14 +106,13 @@ def emit_quantizing_rows(nodes: list[fx.Node], prefix: str = "prologue_int8") ->
                 f"        i = rows[:, None] * {n} + cols[None, :]",
                 f"        mask = row_ok[:, None] & (cols[None, :] < {n})"] + ["    " + ln for ln in body]
 
-    size_args = ", ".join(s.name for s in sizes)
-    stride_args = "".join(f"stride{j}_{d}, " for j in range(len(inputs)) for d in range(rank))
+    pointers, layout, same = input_parameters(len(inputs), sizes, rank)
+    params = (pointers + ["out_ptr", "codes_ptr", "scales_ptr", "n_rows"] + layout + same
+              + ["INDEX_64: tl.constexpr", "WRITE_OUT: tl.constexpr", "ROWS: tl.constexpr", "CHUNK: tl.constexpr"])
     lines = [
         *source_head("from sixbit_compiler.kernels._common import encode_rows, is_nan, saturate, where_nan"),
         "@triton.jit",
-        f"def KERNEL({''.join(f'in{j}_ptr, ' for j in range(len(inputs)))}out_ptr, codes_ptr, scales_ptr, n_rows, "
-        f"{size_args}, {stride_args}{''.join(f'SAME{j}: tl.constexpr, ' for j in range(len(inputs)))}"
-        "INDEX_64: tl.constexpr, WRITE_OUT: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr):",
+        f"def KERNEL({', '.join(params)}):",
         "    # ROWS rows a program, in chunks of CHUNK; SAMEj / INDEX_64 as in the pointwise kernels;",
         "    # WRITE_OUT off: only the codes (every reader takes INT8 this call)",
         "    pid = tl.program_id(0).to(tl.int64) if INDEX_64 else tl.program_id(0)",
