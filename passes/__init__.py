@@ -7,6 +7,7 @@ and states its contract in its module docstring. Switch one off with
 
 from .block_regions import block_regions
 from .find_blocks import find_blocks
+from .fold_qk_norm_rope import fold_qk_norm_rope
 from .fuse_regions import fuse_regions
 from .lower_regions import lower_regions
 from .precision_guards import precision_guards
@@ -20,6 +21,7 @@ PASS_REGISTRY = {
     "find_blocks": find_blocks,
     "quantize_linears": quantize_linears,
     "quantize_attention": quantize_attention,
+    "fold_qk_norm_rope": fold_qk_norm_rope,
     "fuse_regions": fuse_regions,
     "lower_regions": lower_regions,
     "quantize_prologues": quantize_prologues,
@@ -28,5 +30,5 @@ PASS_REGISTRY = {
     "precision_guards": precision_guards,
 }
 
-__all__ = ["PASS_REGISTRY", "block_regions", "find_blocks", "fuse_regions", "lower_regions", "precision_guards", "quantize_attention", "quantize_linears",
+__all__ = ["PASS_REGISTRY", "block_regions", "find_blocks", "fold_qk_norm_rope", "fuse_regions", "lower_regions", "precision_guards", "quantize_attention", "quantize_linears",
            "quantize_prologues", "share_quantization"]

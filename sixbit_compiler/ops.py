@@ -3,7 +3,7 @@
 ``sixbit::region_kernel_int8`` (``quantize_prologues``), ``sixbit::shared_int8_quantization``
 (``share_quantization``),
 ``sixbit::residual_abs_sums`` (``precision_guards``), ``sixbit::quantized_attention``
-(``quantize_attention``).
+(``quantize_attention``), ``sixbit::quantized_attention_qk_norm_rope`` (``fold_qk_norm_rope``).
 
 They are ``torch.library`` custom ops, so Inductor and AOTAutograd treat them as opaque
 kernels with known output shapes (the fake implementations), and they pass
@@ -319,9 +319,55 @@ def _quantized_attention_fake(q, k, v, scale, attn_mask=None):
     return _attention_output(q, v)
 
 
+@torch.library.custom_op("sixbit::quantized_attention_qk_norm_rope", mutates_args=())
+def quantized_attention_qk_norm_rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: Optional[torch.Tensor],
+                                     k_weight: Optional[torch.Tensor], q_eps: Optional[float], k_eps: Optional[float],
+                                     q_cos: torch.Tensor, q_sin: torch.Tensor, k_cos: torch.Tensor, k_sin: torch.Tensor,
+                                     scale: Optional[float]) -> torch.Tensor:
+    """``quantized_attention`` of Wan's normed, rotated q and k (``fold_qk_norm_rope``).
+
+    q and k are the projections' outputs [B, S, H·D] before their RMS norms (weights and eps
+    ``q_weight``, ``q_eps``, ...), ``q_cos`` / ``q_sin`` (and k's) the halves of the RoPE
+    frequencies their rotations read, v [B, H, S, D]. The spec is ``quantized_attention(
+    rms_norm_rope(q, q_weight, q_eps, q_cos, q_sin, H), rms_norm_rope(k, ...), v, scale)``
+    (``formats.attention.rms_norm_rope``); the output is laid out as ``quantized_attention``'s.
+
+    On CUDA (or the interpreter) one kernel per operand norms, rotates and quantizes
+    (``kernels.attention_prologue``); on CPU the spec. Inputs the kernels do not take on the GPU
+    run the eager prologue and exact SDPA, with one log line."""
+    from .formats.attention import quantized_attention_reference, rms_norm_rope
+
+    heads = v.shape[1]
+    if generated_kernels_run_on(q):
+        from .kernels import attention, attention_prologue, log_fallback_once
+
+        reason = (attention_prologue.unsupported_reason(q, q_weight, q_cos, q_sin, heads)
+                  or attention_prologue.unsupported_reason(k, k_weight, k_cos, k_sin, heads))
+        if reason is None:  # the attention's own limits, on the shapes SDPA would get
+            normed = q.new_empty((q.shape[0], heads, q.shape[1], q.shape[2] // heads))
+            reason = attention.unsupported_reason(normed, k.new_empty(normed.shape[:2] + (k.shape[1], normed.shape[3])), v)
+        if reason is None:
+            return attention_prologue.quantized_attention_qk_norm_rope(
+                q, k, v, q_weight, k_weight, q_eps, k_eps, q_cos, q_sin, k_cos, k_sin, scale)
+        log_fallback_once("quantized_attention_qk_norm_rope runs the eager prologue and exact SDPA", reason)
+        attend = torch.nn.functional.scaled_dot_product_attention
+    else:
+        attend = quantized_attention_reference
+    result = attend(rms_norm_rope(q, q_weight, q_eps, q_cos, q_sin, heads),
+                    rms_norm_rope(k, k_weight, k_eps, k_cos, k_sin, heads), v, scale=scale)
+    return _attention_output(result, v).copy_(result)
+
+
+@quantized_attention_qk_norm_rope.register_fake
+def _quantized_attention_qk_norm_rope_fake(q, k, v, q_weight, k_weight, q_eps, k_eps, q_cos, q_sin, k_cos, k_sin, scale):
+    b, h, _, d = v.shape
+    return q.new_empty((b, q.shape[1], h, d)).transpose(1, 2)
+
+
 def _attention_output(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     b, h, sq, _ = q.shape
     return q.new_empty((b, sq, h, v.shape[-1])).transpose(1, 2)
 
 
 QUANTIZED_ATTENTION = torch.ops.sixbit.quantized_attention.default
+QUANTIZED_ATTENTION_QK_NORM_ROPE = torch.ops.sixbit.quantized_attention_qk_norm_rope.default

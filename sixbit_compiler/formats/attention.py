@@ -65,6 +65,27 @@ def key_mean(k: torch.Tensor) -> torch.Tensor:
     return k.mean(dim=-2, keepdim=True, dtype=torch.float32)
 
 
+def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float | None, cos: torch.Tensor,
+                  sin: torch.Tensor, heads: int) -> torch.Tensor:
+    """Wan's q / k prologue, written as diffusers' ``WanAttnProcessor`` computes it (the spec of
+    ``sixbit::quantized_attention_qk_norm_rope``, folded by ``fold_qk_norm_rope``).
+
+    x [B, S, H·D] (a projection's output) -> RMS norm over its whole width (every head, as Wan's
+    ``rms_norm_across_heads``), split into H heads, rotated (RoPE) on interleaved pairs: for
+    x1 = n[..., 0::2], x2 = n[..., 1::2], out[..., 0::2] = x1·cos − x2·sin and out[..., 1::2] =
+    x1·sin + x2·cos, with ``cos`` = freqs_cos[..., 0::2] and ``sin`` = freqs_sin[..., 1::2]
+    ([.., S, .., D/2], broadcast over [B, S, H, D/2]). Returns [B, H, S, D] in x's dtype (a
+    permuted view, as SDPA receives it). Rounding: the norm's output is rounded to x's dtype,
+    the rotation computes in the promoted dtype (fp32 with Wan's fp32 frequencies) and is rounded
+    to x's dtype again."""
+    n = torch.rms_norm(x, (x.shape[-1],), weight, eps).unflatten(2, (heads, -1))
+    x1, x2 = n.unflatten(-1, (-1, 2)).unbind(-1)
+    out = torch.empty_like(n)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.permute(0, 2, 1, 3)
+
+
 def quantize_queries(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, H, S, D] -> (int8 codes [B, H, S, D], fp32 scale [B, H, S, 1]): per-token INT8."""
     return quantize_int8(q)

@@ -34,6 +34,25 @@ def is_nan(x):
 
 
 @triton.jit
+def round_to_bf16(v):
+    """fp32 v rounded to the nearest bf16, ties to even, returned as fp32. By hand: the Triton
+    interpreter's fp32 -> bf16 cast truncates. NaN stays NaN; past bf16's range it rounds to
+    ±Inf, as the cast does."""
+    bits = v.to(tl.int32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return tl.where(is_nan(v), v, rounded.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def round_to(v, dtype: tl.constexpr):
+    """fp32 v rounded to ``dtype`` (bf16, fp16 or fp32) and back, as a cast to it would."""
+    if dtype == tl.bfloat16:
+        return round_to_bf16(v)
+    else:
+        return v.to(dtype).to(tl.float32)
+
+
+@triton.jit
 def saturate(x, limit):
     """x clamped to [-limit, limit] (±Inf to ±limit, the formats' convention); NaN passes."""
     return tl.where(x > limit, limit, tl.where(x < -limit, -limit, x))

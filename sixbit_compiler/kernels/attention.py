@@ -281,18 +281,27 @@ def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
 
     The output is [B, H, Sq, D] laid out as [B, Sq, H, D], like the flash SDPA backends', so
     the usual ``transpose(1, 2).flatten(2)`` after attention is free."""
-    b, h, sq, d = q.shape
-    skv = k.shape[-2]
-    softmax_factor = (1.0 / math.sqrt(d) if scale is None else float(scale)) * LOG2E
     q_codes, q_scale = quantize_qk(q, None)
     k_codes, k_scale = quantize_qk(k, key_mean(k))
     vt_codes, v_scale = quantize_v(v)
-    out = torch.empty((b, sq, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+    return attend(q_codes, q_scale, k_codes, k_scale, vt_codes, v_scale, q.shape[-2], k.shape[-2], q.dtype, scale,
+                  config, key_mask)
+
+
+def attend(q_codes, q_scale, k_codes, k_scale, vt_codes, v_scale, sq: int, skv: int, dtype: torch.dtype,
+           scale: float | None = None, config: triton.Config | None = None,
+           key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The attention kernel on quantized operands (:func:`quantize_qk` / :func:`quantize_v`'s
+    outputs, or ``attention_prologue``'s): the output [B, H, Sq, D] in ``dtype``, laid out as
+    [B, Sq, H, D]."""
+    b, h, _, d = q_codes.shape
+    softmax_factor = (1.0 / math.sqrt(d) if scale is None else float(scale)) * LOG2E
+    out = torch.empty((b, sq, h, d), dtype=dtype, device=q_codes.device).transpose(1, 2)
     upcast = interpreting()
-    tma_ok = tma_available(q.device)
+    tma_ok = tma_available(q_codes.device)
     s_pad_kv = k_codes.shape[2]
     if key_mask is not None:  # uint8 [B or 1, S_pad], zero past the end
-        mask = torch.zeros((key_mask.shape[0], s_pad_kv), dtype=torch.uint8, device=q.device)
+        mask = torch.zeros((key_mask.shape[0], s_pad_kv), dtype=torch.uint8, device=q_codes.device)
         mask[:, :skv] = key_mask
         mask_stride = mask.stride(0) if mask.shape[0] > 1 else 0
     else:
@@ -315,5 +324,5 @@ def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     return out
 
 
-__all__ = ["P_SCALE", "quantize_qk", "quantize_v", "quantized_attention", "unsupported_reason",
+__all__ = ["P_SCALE", "attend", "quantize_qk", "quantize_v", "quantized_attention", "unsupported_reason",
            "value_scales"]
