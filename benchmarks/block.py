@@ -50,6 +50,8 @@ MODES = {
     "sixbit": {"activation": "int8"},
     "sixbit_fused": {"activation": "int8", "codegen": True},
     "sixbit_int8_attention": {"activation": "int8", "attention": "int8"},  # the default (unfused) path
+    # the same without folding the q/k RMS norms and RoPE into the attention's quantization
+    "sixbit_int8_attention_unfolded": {"activation": "int8", "attention": "int8", "passes": {"fold_qk_norm_rope": False}},
     # attention too: INT8 Q·Kᵀ, FP8 P·V (its non-attention part subtracts that attention's time)
     "sixbit_fused_int8_attention": {"activation": "int8", "codegen": True, "attention": "int8"},
     # the FP8 tier's activations (per-token e4m3, the FP8 GEMM accumulating in the MMA) instead of INT8
@@ -196,8 +198,10 @@ def parse_ncu_csv(text: str, calls: int = 2) -> dict | None:
             "attention_written": attention["dram__bytes_write.sum"] / calls, "kernels_per_block": len(kernels) / calls}
 
 
-#: sixbit's quantized attention: the kernel and its Q/K and V quantization passes
-SIXBIT_ATTENTION_KERNELS = ("_attention_kernel", "_qk_rows_kernel", "_v_kernel")
+#: sixbit's quantized attention: the kernel and its Q/K and V quantization passes (the folded
+#: q/k norm + RoPE kernel counts as attention here, so ``kernel_split`` undercounts the
+#: non-attention part of folded modes by its norm and RoPE work)
+SIXBIT_ATTENTION_KERNELS = ("_attention_kernel", "_qk_rows_kernel", "_v_kernel", "_qk_norm_rope_kernel")
 
 
 def is_attention_kernel(name: str) -> bool:

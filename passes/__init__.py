@@ -7,6 +7,7 @@ and states its contract in its module docstring. Switch one off with
 
 from .block_regions import block_regions
 from .find_blocks import find_blocks
+from .fold_gelu import fold_gelu
 from .fold_qk_norm_rope import fold_qk_norm_rope
 from .fuse_regions import fuse_regions
 from .lower_regions import lower_regions
@@ -24,11 +25,12 @@ PASS_REGISTRY = {
     "fold_qk_norm_rope": fold_qk_norm_rope,
     "fuse_regions": fuse_regions,
     "lower_regions": lower_regions,
+    "fold_gelu": fold_gelu,
     "quantize_prologues": quantize_prologues,
     "share_quantization": share_quantization,
     "block_regions": block_regions,
     "precision_guards": precision_guards,
 }
 
-__all__ = ["PASS_REGISTRY", "block_regions", "find_blocks", "fold_qk_norm_rope", "fuse_regions", "lower_regions", "precision_guards", "quantize_attention", "quantize_linears",
+__all__ = ["PASS_REGISTRY", "block_regions", "find_blocks", "fold_gelu", "fold_qk_norm_rope", "fuse_regions", "lower_regions", "precision_guards", "quantize_attention", "quantize_linears",
            "quantize_prologues", "share_quantization"]

@@ -50,6 +50,8 @@ def codes_refusal(gemms: list[fx.Node]) -> str | None:
     place of quantizing it (the condition ``dispatch.usable_codes`` checks per call), else why
     not. Shared with ``quantize_prologues``."""
     for g in gemms:
+        if g.kwargs.get("x_activation") is not None:
+            return f"{g.name} applies {g.kwargs['x_activation']} to its activation before quantizing"
         if g.args[8]:
             return f"{g.name} rotates its activation (hadamard) before quantizing"
         if g.args[7] % NVFP4_BLOCK:  # both weight formats store K padded to a whole block

@@ -61,6 +61,7 @@ def quantized_linear(
     hadamard: bool,
     x_codes: Optional[torch.Tensor] = None,
     x_scales: Optional[torch.Tensor] = None,
+    x_activation: Optional[str] = None,
 ) -> torch.Tensor:
     """y = x · W_nvfp4ᵀ + bias, activations at precision ``precision_slots[slot]``.
 
@@ -75,25 +76,36 @@ def quantized_linear(
     INT8 codes and scales, computed once for every GEMM reading x, and valid whenever this call's
     precision is INT8 and the kernels run on x. Such a call then skips quantizing x; every other
     path (other precisions, the reference, calibration) reads x itself.
+
+    ``x_activation`` (``fold_gelu``): None, or "gelu_tanh": the linear's input is
+    ``F.gelu(x, approximate="tanh")``. INT8 calls on the kernels apply it in their quantization
+    kernel; every other path computes it first (``dispatch.ACTIVATIONS``).
     """
+    from .kernels.dispatch import ACTIVATIONS, apply_activation
+
+    if x_activation is not None and x_activation not in ACTIVATIONS:
+        raise ValueError(f"sixbit::quantized_linear: x_activation must be None or one of {sorted(ACTIVATIONS)}, "
+                         f"got {x_activation!r}")
     precision = Precision(int(precision_slots[slot]))
     if CALIBRATION_RECORDER is not None:
-        CALIBRATION_RECORDER(slot, x, w_packed, w_block_scales, w_tensor_scale, in_features, hadamard)
+        CALIBRATION_RECORDER(slot, apply_activation(x, x_activation), w_packed, w_block_scales, w_tensor_scale,
+                             in_features, hadamard)
     if linear_kernels_run_on(x):
         from .kernels import dispatch
 
         codes = dispatch.usable_codes(x_codes, x_scales, precision, hadamard, w_packed)
         out = dispatch.quantized_linear(x, w_packed, w_block_scales, w_tensor_scale, bias, precision, in_features, hadamard,
-                                        x_int8=codes)
+                                        x_int8=codes, activation=x_activation)
         if out is not None:
             return out
     scales = reference_scales(w_packed, w_block_scales)
-    return quantized_linear_reference(x, w_packed, scales, w_tensor_scale, bias, precision, in_features, hadamard)
+    return quantized_linear_reference(apply_activation(x, x_activation), w_packed, scales, w_tensor_scale, bias,
+                                      precision, in_features, hadamard)
 
 
 @quantized_linear.register_fake
 def _quantized_linear_fake(x, w_packed, w_block_scales, w_tensor_scale, bias, precision_slots, slot, in_features, hadamard,
-                           x_codes=None, x_scales=None):
+                           x_codes=None, x_scales=None, x_activation=None):
     torch._check(x.shape[-1] == in_features, lambda: f"quantized_linear: expected {in_features} input features")
     return x.new_empty((*x.shape[:-1], w_packed.shape[0]))
 
@@ -245,9 +257,8 @@ def shared_int8_quantization(
             and any_reads_int8(precision_slots, slots)):
         from .kernels.quantize import quantize_int8_rows
 
-        q, scale, _, _ = quantize_int8_rows(x.reshape(-1, x.shape[-1]).contiguous())
-        codes.copy_(q.view(x.shape))
-        scales.copy_(scale.view(scales.shape))
+        # written in place (a copy after the kernel was one more read and write of the codes)
+        quantize_int8_rows(x.reshape(-1, x.shape[-1]).contiguous(), codes.view(-1, x.shape[-1]), scales.view(-1, 1))
     return codes, scales
 
 

@@ -90,6 +90,29 @@ def test_prologue_kernel_strided_input_full_frequencies_no_weight_default_eps():
     assert not torch.equal(codes[:, :, :130].cpu(), swapped)
 
 
+def test_every_tile_equals_spec(monkeypatch):
+    """Each autotuning tile (tokens, heads per step, warps), with a head count that is not a
+    multiple of the heads per step and a token count that is not one of the tile's."""
+    from sixbit_compiler.kernels import attention_prologue as kernels
+
+    x, w, cos, sin = prologue_inputs(b=2, s=45, h=5, d=16, seed=7)
+    rotated = spec.rms_norm_rope(x, w, 1e-6, cos, sin, 5)
+    want_mean = spec.key_mean(rotated)
+    want_codes, want_scale = spec.quantize_keys(rotated, want_mean)
+    monkeypatch.setenv("SIXBIT_GEMM_AUTOTUNE", "0")
+    dev = [t.to(_device()) for t in (x, w, cos, sin)]
+    for tile in kernels.TILES:
+        monkeypatch.setattr(kernels, "BLOCK_S", tile[0])
+        monkeypatch.setattr(kernels, "HEADS", tile[1])
+        monkeypatch.setattr(kernels, "WARPS", tile[2])
+        mean = kernels.rope_key_mean(dev[0], dev[1], 1e-6, dev[2], dev[3], 5)
+        torch.testing.assert_close(mean.cpu(), want_mean, rtol=1e-5, atol=1e-6)
+        codes, scale = kernels.quantize_qk_norm_rope(dev[0], dev[1], 1e-6, dev[2], dev[3], 5, want_mean.to(_device()))
+        assert torch.equal(codes[:, :, :45].cpu(), want_codes), tile
+        torch.testing.assert_close(scale[:, :, :45].cpu(), want_scale[..., 0], rtol=0, atol=0)
+        assert not codes[:, :, 45:].any() and not scale[:, :, 45:].any()
+
+
 def test_unsupported_prologues_named():
     from sixbit_compiler.kernels import attention_prologue as kernels
 

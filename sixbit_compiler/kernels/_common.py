@@ -53,6 +53,15 @@ def round_to(v, dtype: tl.constexpr):
 
 
 @triton.jit
+def gelu_tanh(x):
+    """GELU, tanh approximation (``F.gelu(x, approximate="tanh")``) of fp32 x, written as
+    x·sigmoid(2y) = 0.5·x·(1 + tanh(y)), y = √(2/π)·(x + 0.044715·x³): no cancellation where
+    tanh(y) is close to −1, and no libdevice call (the interpreter has none). The codegen's
+    pointwise GELU is the same expression."""
+    return x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+
+
+@triton.jit
 def saturate(x, limit):
     """x clamped to [-limit, limit] (±Inf to ±limit, the formats' convention); NaN passes."""
     return tl.where(x > limit, limit, tl.where(x < -limit, -limit, x))

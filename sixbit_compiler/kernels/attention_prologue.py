@@ -31,77 +31,112 @@ import torch
 import triton
 import triton.language as tl
 
-from ..formats.attention import key_mean
-from ._common import NO_FMA, int8_rows, round_to, saturate
+from ._common import NO_FMA, is_nan, rne, round_to, saturate, where_nan
+from .gemm import autotune_kwargs, single_config
 from .attention import TOKEN_PAD, attend, quantize_v
 
-#: tokens per program: 16 tokens of a 5,120-wide row are 160 KB, which stay in L2 between the
-#: program's two loops even with a few hundred programs in flight
-BLOCK_S = 16
+#: (tokens, heads, warps) per tile, autotuned. A program takes BLOCK_S tokens of one batch row
+#: and all heads, HEADS heads at a time: 16 tokens of a 5,120-wide bf16 row are 160 KB, which
+#: stay in L2 between the program's two loops even with a few hundred programs in flight.
+TILES = ((16, 2, 4), (16, 4, 8), (32, 2, 8), (8, 4, 4), (16, 1, 4))
+#: the tile without autotuning (the interpreter, SIXBIT_GEMM_AUTOTUNE=0)
+BLOCK_S, HEADS, WARPS = TILES[0]
 
 
 @triton.jit
-def _rotated_head(x_base, w_ptr, cos_base, sin_base, s, ok, h, rstd, stride_s, stride_c,
-                  cos_s, cos_h, cos_d, sin_s, sin_h, sin_d,
-                  HAS_WEIGHT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Head h of tokens s, normed and rotated: fp32 [BLOCK_S, HEAD_DIM] holding values of x's
-    dtype (0 for tokens past the end)."""
-    d = tl.arange(0, HEAD_DIM)
-    c = h * HEAD_DIM + d
-    x = tl.load(x_base + s[:, None] * stride_s + c[None, :] * stride_c, mask=ok[:, None], other=0.0,
-                eviction_policy="evict_first")
-    n = x.to(tl.float32) * rstd[:, None]
+def _normed(x_base, w_ptr, offset, cols, ok, rstd, stride_c, HAS_WEIGHT: tl.constexpr):
+    """x · rstd · weight at token offsets ``offset`` and channels ``cols``, rounded to x's
+    dtype, as fp32."""
+    x = tl.load(x_base + offset + cols * stride_c, mask=ok, other=0.0, eviction_policy="evict_first")
+    n = x.to(tl.float32) * rstd
     if HAS_WEIGHT:
-        n = n * tl.load(w_ptr + c).to(tl.float32)[None, :]
-    n = round_to(n, x.dtype)  # rms_norm's output, in x's dtype
-    even, odd = tl.split(tl.reshape(n, (BLOCK_S, HEAD_DIM // 2, 2)))
-    j = tl.arange(0, HEAD_DIM // 2)
-    cos = tl.load(cos_base + s[:, None] * cos_s + h * cos_h + j[None, :] * cos_d, mask=ok[:, None], other=0.0)
-    sin = tl.load(sin_base + s[:, None] * sin_s + h * sin_h + j[None, :] * sin_d, mask=ok[:, None], other=0.0)
-    re = round_to(even * cos - odd * sin, x.dtype)
-    ro = round_to(even * sin + odd * cos, x.dtype)
-    return tl.reshape(tl.join(re, ro), (BLOCK_S, HEAD_DIM))
+        n = n * tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    return round_to(n, x.dtype)
+
+
+@triton.jit
+def _rotated_heads(x_base, w_ptr, cos_base, sin_base, s, h0, S, H, rstd, stride_s, stride_c,
+                   cos_s, cos_h, cos_d, sin_s, sin_h, sin_d,
+                   HAS_WEIGHT: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS: tl.constexpr):
+    """Heads h0 .. h0 + HEADS of tokens s, normed and rotated: fp32 [BLOCK_S, HEADS, HEAD_DIM]
+    holding values of x's dtype (0 past the last token or head), and the mask of real ones.
+
+    Each channel also reads its pair partner (c ^ 1) instead of splitting the tile into even and
+    odd halves, which costs layout shuffles: even c gets n·cos − partner·sin, odd c n·cos +
+    partner·sin, i.e. the eager chain's x1·cos − x2·sin and x2·cos + x1·sin with its roundings."""
+    head = h0 + tl.arange(0, HEADS)[None, :, None]
+    d = tl.arange(0, HEAD_DIM)[None, None, :]
+    tokens = s[:, None, None]
+    ok = (tokens < S) & (head < H) & (d < HEAD_DIM)
+    offset = tokens * stride_s
+    rstd = rstd[:, None, None]
+    n = _normed(x_base, w_ptr, offset, head * HEAD_DIM + d, ok, rstd, stride_c, HAS_WEIGHT)
+    partner = _normed(x_base, w_ptr, offset, head * HEAD_DIM + (d ^ 1), ok, rstd, stride_c, HAS_WEIGHT)
+    j = d // 2
+    cos = tl.load(cos_base + tokens * cos_s + head * cos_h + j * cos_d, mask=ok, other=0.0)
+    sin = tl.load(sin_base + tokens * sin_s + head * sin_h + j * sin_d, mask=ok, other=0.0)
+    turn = partner * sin
+    rotated = n * cos + tl.where((d % 2) == 0, -turn, turn)
+    return round_to(rotated, x_base.dtype.element_ty), ok
 
 
 @triton.jit
 def _qk_norm_rope_kernel(
     x_ptr, w_ptr, cos_ptr, sin_ptr, mean_ptr, out_ptr, scale_ptr,
-    H, S, S_PAD, WIDTH, eps, limit, stride_b, stride_s, stride_c,
+    H, S, S_PAD, PARTIALS, WIDTH, eps, limit, stride_b, stride_s, stride_c,
     cos_b, cos_s, cos_h, cos_d, sin_b, sin_s, sin_h, sin_d,
-    MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_MEAN: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+    MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_MEAN: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_S: tl.constexpr, HEADS: tl.constexpr,
 ):
-    """MODE 0: per-tile sums over the tokens of the normed, rotated x, fp32 [B, tiles, H, D].
+    """MODE 0: per-tile sums over the tokens of the normed, rotated x, fp32 [B, PARTIALS, H, D].
     MODE 1: its per-token INT8 codes [B·H, S_PAD, D] and scales [B·H, S_PAD] (minus
     mean [B, H, D] if HAS_MEAN), zero past S."""
     b = tl.program_id(1)
     tile = tl.program_id(0)
     s = tile * BLOCK_S + tl.arange(0, BLOCK_S)
-    ok = s < S
     x_base = x_ptr + b.to(tl.int64) * stride_b
     cos_base = cos_ptr + b.to(tl.int64) * cos_b
     sin_base = sin_ptr + b.to(tl.int64) * sin_b
-    d = tl.arange(0, HEAD_DIM)
+    c = tl.arange(0, HEADS * HEAD_DIM)
     squares = tl.zeros((BLOCK_S,), dtype=tl.float32)
-    for h in range(0, H):  # the norm spans every head; these loads stay in L2 for the loop below
-        c = h * HEAD_DIM + d
-        x = tl.load(x_base + s[:, None] * stride_s + c[None, :] * stride_c, mask=ok[:, None], other=0.0,
+    for c0 in range(0, WIDTH, HEADS * HEAD_DIM):  # the norm spans every head; these lines stay in L2
+        ok = (s[:, None] < S) & (c0 + c[None, :] < WIDTH)
+        x = tl.load(x_base + s[:, None] * stride_s + (c0 + c[None, :]) * stride_c, mask=ok, other=0.0,
                     eviction_policy="evict_last").to(tl.float32)
         squares += tl.sum(x * x, axis=1)
-    rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(squares, WIDTH) + eps))
-    for h in range(0, H):
-        r = _rotated_head(x_base, w_ptr, cos_base, sin_base, s, ok, h, rstd, stride_s, stride_c,
-                          cos_s, cos_h, cos_d, sin_s, sin_h, sin_d, HAS_WEIGHT, HEAD_DIM, BLOCK_S)
+    rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(squares, WIDTH.to(tl.float32)) + eps))
+    d = tl.arange(0, HEAD_DIM)[None, None, :]
+    for h0 in range(0, H, HEADS):
+        r, ok = _rotated_heads(x_base, w_ptr, cos_base, sin_base, s, h0, S, H, rstd, stride_s, stride_c,
+                               cos_s, cos_h, cos_d, sin_s, sin_h, sin_d, HAS_WEIGHT, HEAD_DIM, HEADS)
+        head = h0 + tl.arange(0, HEADS)[None, :, None]
         if MODE == 0:
-            row = (b * tl.num_programs(0) + tile) * H + h
-            tl.store(out_ptr + row.to(tl.int64) * HEAD_DIM + d, tl.sum(r, axis=0))
+            row = (b * PARTIALS + tile) * H + head
+            tl.store(out_ptr + row.to(tl.int64) * HEAD_DIM + d, tl.sum(r, axis=0)[None, :, :], mask=head < H)
         else:
             if HAS_MEAN:
-                r = tl.where(ok[:, None], r - tl.load(mean_ptr + (b * H + h) * HEAD_DIM + d)[None, :], 0.0)
-            q, scale, _, _ = int8_rows(saturate(r, limit))
-            row = (b * H + h).to(tl.int64) * S_PAD + s
-            tl.store(out_ptr + row[:, None] * HEAD_DIM + d[None, :], q.to(tl.int8))
-            tl.store(scale_ptr + row, scale)
+                mean = tl.load(mean_ptr + (b * H + head) * HEAD_DIM + d, mask=head < H, other=0.0)
+                r = tl.where(ok, r - mean, 0.0)
+            r = saturate(r, limit)
+            isnan = is_nan(r)
+            amax = tl.max(tl.where(isnan, 0.0, tl.abs(r)), axis=2)
+            has_nan = tl.max(isnan.to(tl.int32), axis=2) > 0
+            scale = tl.math.div_rn(amax, 127.0)
+            inv = tl.math.div_rn(1.0, tl.where(scale > 0, scale, 1.0))
+            q = rne(tl.where(isnan, 0.0, r) * inv[:, :, None])
+            q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+            heads = h0 + tl.arange(0, HEADS)[None, :]
+            row = (b * H + heads).to(tl.int64) * S_PAD + s[:, None]  # [BLOCK_S, HEADS]
+            real = (heads < H) & (s[:, None] < S_PAD)
+            tl.store(out_ptr + row[:, :, None] * HEAD_DIM + d, q.to(tl.int8), mask=real[:, :, None])
+            tl.store(scale_ptr + row, where_nan(has_nan, scale), mask=real)
+
+
+_autotuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_S": bs, "HEADS": hs}, num_warps=w) for bs, hs, w in TILES],
+    key=["H", "WIDTH", "MODE", "HAS_MEAN"],
+    **{**autotune_kwargs(), "prune_configs_by": None},  # (no TMA configs to prune)
+)(_qk_norm_rope_kernel)
 
 
 def unsupported_reason(x: torch.Tensor, weight, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> str | None:
@@ -126,21 +161,25 @@ def _launch(x, weight, eps, cos, sin, heads, mode, out, scale=None, mean=None):
     b, s, width = x.shape
     d = width // heads
     cos4, sin4 = (f.expand(b, s, heads, d // 2) for f in (cos, sin))
-    s_rows = out.shape[-2] if mode == 1 else s
     limit = torch.finfo(torch.float32 if mean is not None else x.dtype).max
-    _qk_norm_rope_kernel[(triton.cdiv(s_rows, BLOCK_S), b)](
-        x, weight if weight is not None else x, cos4, sin4, mean if mean is not None else x, out,
-        scale if scale is not None else out, heads, s, s_rows, float(width), eps, limit, *x.stride(),
-        *cos4.stride(), *sin4.stride(),
-        MODE=mode, HAS_WEIGHT=weight is not None, HAS_MEAN=mean is not None, HEAD_DIM=d, BLOCK_S=BLOCK_S,
-        num_warps=4, **NO_FMA,
-    )
+    args = (x, weight if weight is not None else x, cos4, sin4, mean if mean is not None else x, out,
+            scale if scale is not None else out, heads, s, out.shape[-2] if mode == 1 else s, out.shape[1], width, eps, limit,
+            *x.stride(), *cos4.stride(), *sin4.stride())
+    flags = dict(MODE=mode, HAS_WEIGHT=weight is not None, HAS_MEAN=mean is not None, HEAD_DIM=d, **NO_FMA)
+    rows = out.shape[-2] if mode == 1 else s  # the codes' padding rows are written too (zero)
+    if single_config():
+        _qk_norm_rope_kernel[(triton.cdiv(rows, BLOCK_S), b)](*args, BLOCK_S=BLOCK_S, HEADS=HEADS, num_warps=WARPS,
+                                                              **flags)
+    else:
+        _autotuned[lambda meta: (triton.cdiv(rows, meta["BLOCK_S"]), b)](*args, **flags)
 
 
 def rope_key_mean(x, weight, eps, cos, sin, heads) -> torch.Tensor:
     """``formats.attention.key_mean`` of the normed, rotated x: fp32 [B, H, 1, D]."""
     b, s, width = x.shape
-    partial = torch.empty((b, triton.cdiv(s, BLOCK_S), heads, width // heads), dtype=torch.float32, device=x.device)
+    # one row of sums per tile of the smallest BLOCK_S (a larger tile leaves rows unwritten: zeroed)
+    tiles = triton.cdiv(s, min(t[0] for t in TILES))
+    partial = torch.zeros((b, tiles, heads, width // heads), dtype=torch.float32, device=x.device)
     _launch(x, weight, _eps(eps), cos, sin, heads, 0, partial)
     return (partial.sum(dim=1) / s)[:, :, None, :]
 

@@ -83,6 +83,15 @@ def fp8_linear(x2d, w_packed, w_block_scales_bits, w_tensor_scale, bias, out_dty
     return out
 
 
+#: the activations a quantized linear can apply to its input (``x_activation``), as PyTorch does
+ACTIVATIONS = {"gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh")}
+
+
+def apply_activation(x: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """x, or ``ACTIVATIONS[activation](x)``."""
+    return x if activation is None else ACTIVATIONS[activation](x)
+
+
 def gemm_input(x, w_packed, in_features: int, hadamard: bool, precision: Precision) -> torch.Tensor:
     """x [..., K] as the GEMM's [M, Kp] operand: rotated if the weight was, zero-padded to the
     stored weight's K, contiguous."""
@@ -109,9 +118,10 @@ def _int8_weight(w_packed, w_block_scales_bits, w_tensor_scale):
     return decode_nvfp4_to_int8(w_packed, w_block_scales_bits, w_tensor_scale)
 
 
-def int8_operands(x2d, w_packed, w_block_scales_bits, w_tensor_scale):
-    """(x codes, per-token scale, weight codes, per-channel scale) of the INT8 GEMM."""
-    xq, xs, _, _ = quantize_int8_rows(x2d)
+def int8_operands(x2d, w_packed, w_block_scales_bits, w_tensor_scale, gelu: bool = False):
+    """(x codes, per-token scale, weight codes, per-channel scale) of the INT8 GEMM (``gelu``: of
+    GELU(x), the activation applied in the quantization kernel)."""
+    xq, xs, _, _ = quantize_int8_rows(x2d, gelu=gelu)
     return (xq, xs, *_int8_weight(w_packed, w_block_scales_bits, w_tensor_scale))
 
 
@@ -148,9 +158,13 @@ ONE_BYTE_OPERANDS = {Precision.INT8: int8_operands, Precision.FP8: fp8_operands}
 
 def quantized_linear(
     x, w_packed, w_block_scales_bits, w_tensor_scale, bias, precision: Precision, in_features: int, hadamard: bool,
-    float_gemm: str | None = None, x_int8=None,
+    float_gemm: str | None = None, x_int8=None, activation: str | None = None,
 ):
     """Kernel path; returns None (after logging once) for a case the kernels do not take.
+
+    ``activation`` ("gelu_tanh"): the linear's input is GELU(x) (``fold_gelu``). An INT8 call
+    applies it inside the quantization kernel, so GELU(x) never goes to memory; every other
+    call computes it first.
 
     ``x_int8``: (codes, scales) of x from :func:`usable_codes`, for an INT8 call whose activation
     is already quantized; the call then quantizes nothing.
@@ -168,13 +182,16 @@ def quantized_linear(
         return None
     out_dtype = x.dtype
     lead = x.shape[:-1]
+    fused_gelu = activation is not None and precision == Precision.INT8 and x_int8 is None and not hadamard
+    if activation is not None and not fused_gelu:
+        x = apply_activation(x, activation)
     x2d = None if x_int8 is not None else gemm_input(x, w_packed, in_features, hadamard, precision)
 
     if x_int8 is not None:
         xq, xs, wq, ws = int8_operands_from_codes(*x_int8, w_packed, w_block_scales_bits, w_tensor_scale)
         out = scaled_gemm(xq, wq, xs, ws, bias, out_dtype)
-    elif precision == Precision.INT8:
-        xq, xs, wq, ws = int8_operands(x2d, w_packed, w_block_scales_bits, w_tensor_scale)
+    elif precision == Precision.INT8:  # (zero padding past in_features is GELU(0) = 0 too)
+        xq, xs, wq, ws = int8_operands(x2d, w_packed, w_block_scales_bits, w_tensor_scale, gelu=fused_gelu)
         out = scaled_gemm(xq, wq, xs, ws, bias, out_dtype)
     elif precision == Precision.FP8:
         out = fp8_linear(x2d, w_packed, w_block_scales_bits, w_tensor_scale, bias, out_dtype, float_gemm)

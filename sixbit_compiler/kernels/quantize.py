@@ -20,8 +20,8 @@ import triton.language as tl
 
 from ..formats._common import div_exact
 from . import interpreting
-from ._common import (MAX_CHUNK, NO_FMA, e2m1_round, encode_rows, encode_rows_hw, fp8_rows, int8_rows, is_nan,
-                      round_to_e4m3, row_tiling, saturate, where_nan)
+from ._common import (MAX_CHUNK, NO_FMA, e2m1_round, encode_rows, encode_rows_hw, fp8_rows, gelu_tanh, int8_rows,
+                      is_nan, round_to, round_to_e4m3, row_tiling, saturate, where_nan)
 from .gemm import autotune_kwargs, single_config
 
 _F4_MAX, _F8_MAX = 6.0, 448.0
@@ -32,10 +32,12 @@ def _rows_kernel(
     x_ptr, q_ptr, scale_ptr, amax_ptr, abssum_ptr,
     M, K, stride_xm, stride_qm, limit,
     FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ONE_CHUNK: tl.constexpr,
-    HW_CVT: tl.constexpr, L2_HINTS: tl.constexpr = False,
+    HW_CVT: tl.constexpr, L2_HINTS: tl.constexpr = False, GELU: tl.constexpr = False,
 ):
     """Per-row INT8 (codes as int8) or FP8 e4m3 (codes as uint8 bits), scale = amax / qmax.
     ``HW_CVT``: encode with the GPU's conversion instructions (``encode_rows_hw``).
+    ``GELU``: quantize GELU(x) (tanh approximation), rounded to x's dtype as a GELU kernel
+    writing it would round it; each pass recomputes it from x.
     ``L2_HINTS``: the first pass's loads ask L2 to keep the lines (the second pass re-reads
     them), the second pass's loads and the code stores to drop them first."""
     FIRST: tl.constexpr = "evict_last" if L2_HINTS else ""
@@ -47,6 +49,8 @@ def _rows_kernel(
         cols = tl.arange(0, BLOCK_K)
         mask = row_ok[:, None] & (cols[None, :] < K)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if GELU:
+            x = round_to(gelu_tanh(x), x_ptr.dtype.element_ty)
         x = saturate(x, limit)
         if FP8:
             q, scale, amax, a = fp8_rows(x)
@@ -65,6 +69,8 @@ def _rows_kernel(
             mask = row_ok[:, None] & (cols[None, :] < K)
             x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0,
                         eviction_policy=FIRST).to(tl.float32)
+            if GELU:
+                x = round_to(gelu_tanh(x), x_ptr.dtype.element_ty)
             isnan = is_nan(x)
             a = tl.where(isnan, 0.0, tl.minimum(tl.abs(x), limit))
             amax = tl.maximum(amax, tl.max(a, axis=1))
@@ -77,6 +83,8 @@ def _rows_kernel(
             mask = row_ok[:, None] & (cols[None, :] < K)
             x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0,
                         eviction_policy=AFTER).to(tl.float32)
+            if GELU:
+                x = round_to(gelu_tanh(x), x_ptr.dtype.element_ty)
             if HW_CVT:  # the conversions saturate ±Inf themselves
                 q = encode_rows_hw(x, inv, FP8)
             else:
@@ -117,7 +125,7 @@ def _prune_row_tilings(configs, named_args, **kwargs):
 _rows_autotuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "L2_HINTS": hints}, num_warps=w)
              for bm, bk, w in ROW_TILINGS for hints in HINTS],
-    key=["K", "FP8"],
+    key=["K", "FP8", "GELU"],
     **{**autotune_kwargs(), "prune_configs_by": {"early_config_prune": _prune_row_tilings}},
 )(_rows_kernel)
 
@@ -131,15 +139,17 @@ def _untuned_row_tiling(k: int) -> tuple[int, int, int, bool]:
     return block_m, block_k, warps, False
 
 
-def _quantize_rows(x: torch.Tensor, fp8: bool):
+def _quantize_rows(x: torch.Tensor, fp8: bool, codes: torch.Tensor | None = None, scales: torch.Tensor | None = None,
+                   gelu: bool = False):
     assert x.dim() == 2 and x.stride(1) == 1
     m, k = x.shape
-    q = torch.empty((m, k), dtype=torch.uint8 if fp8 else torch.int8, device=x.device)
-    scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    q = codes if codes is not None else torch.empty((m, k), dtype=torch.uint8 if fp8 else torch.int8, device=x.device)
+    scale = scales if scales is not None else torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    assert q.shape == (m, k) and q.stride(1) == 1 and scale.shape == (m, 1) and scale.is_contiguous()
     amax = torch.empty((m,), dtype=torch.float32, device=x.device)
     abssum = torch.empty((m,), dtype=torch.float32, device=x.device)
     args = (x, q, scale, amax, abssum, m, k, x.stride(0), q.stride(0), torch.finfo(x.dtype).max)
-    flags = dict(FP8=fp8, HW_CVT=not interpreting(), **NO_FMA)
+    flags = dict(FP8=fp8, HW_CVT=not interpreting(), GELU=gelu, **NO_FMA)
     if k > MAX_CHUNK and not single_config():
         _rows_autotuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](*args, ONE_CHUNK=False, **flags)
     else:
@@ -149,9 +159,12 @@ def _quantize_rows(x: torch.Tensor, fp8: bool):
     return (q.view(torch.float8_e4m3fn) if fp8 else q), scale, amax, abssum
 
 
-def quantize_int8_rows(x: torch.Tensor):
-    """x [M, K] (bf16/fp16/fp32) -> (codes int8 [M, K], scale fp32 [M, 1], row amax [M], row sum|x| [M])."""
-    return _quantize_rows(x, False)
+def quantize_int8_rows(x: torch.Tensor, codes: torch.Tensor | None = None, scales: torch.Tensor | None = None,
+                       gelu: bool = False):
+    """x [M, K] (bf16/fp16/fp32) -> (codes int8 [M, K], scale fp32 [M, 1], row amax [M], row sum|x| [M]).
+    ``codes`` / ``scales``: write into these (int8 [M, K] with unit column stride, fp32 [M, 1]).
+    ``gelu``: of ``F.gelu(x, approximate="tanh")`` in x's dtype instead (the row stats too)."""
+    return _quantize_rows(x, False, codes, scales, gelu)
 
 
 def quantize_fp8_rows(x: torch.Tensor):
