@@ -50,8 +50,10 @@ MODES = {
     "sixbit": {"activation": "int8"},
     "sixbit_fused": {"activation": "int8", "codegen": True},
     "sixbit_int8_attention": {"activation": "int8", "attention": "int8"},  # the default (unfused) path
-    # the same without folding the q/k RMS norms and RoPE into the attention's quantization
-    "sixbit_int8_attention_unfolded": {"activation": "int8", "attention": "int8", "passes": {"fold_qk_norm_rope": False}},
+    # the same without the folds (the q/k RMS norms and RoPE into the attention's quantization,
+    # the feed-forward GELU into the next GEMM's): the default path of block runs 6-9
+    "sixbit_int8_attention_unfolded": {"activation": "int8", "attention": "int8",
+                                       "passes": {"fold_qk_norm_rope": False, "fold_gelu": False}},
     # attention too: INT8 Q·Kᵀ, FP8 P·V (its non-attention part subtracts that attention's time)
     "sixbit_fused_int8_attention": {"activation": "int8", "codegen": True, "attention": "int8"},
     # the FP8 tier's activations (per-token e4m3, the FP8 GEMM accumulating in the MMA) instead of INT8

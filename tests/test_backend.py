@@ -215,7 +215,7 @@ def test_dumps_every_stage_and_the_index(tmp_path):
     (compile_dir,) = list(tmp_path.iterdir())
     files = sorted(os.listdir(compile_dir))
     assert files == ["00_captured.py", "01_find_blocks.py", "02_quantize_linears.py", "03_fuse_regions.py",
-                     "04_share_quantization.py", "05_precision_guards.py", "index.md"]
+                     "04_fold_gelu.py", "05_share_quantization.py", "06_precision_guards.py", "index.md"]
     assert "# fusion regions" in (compile_dir / "03_fuse_regions.py").read_text()
     src = (compile_dir / "02_quantize_linears.py").read_text()
     assert src.count("torch.ops.sixbit.quantized_linear.default(") == 12

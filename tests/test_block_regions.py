@@ -46,7 +46,7 @@ def test_off_by_default(tmp_path):
         torch.compile(tiny_wan(), backend="sixbit", options={"dump_dir": str(tmp_path)})(**wan_inputs())
     (d,) = list(tmp_path.iterdir())
     index = (d / "index.md").read_text()
-    assert "| 8 | `block_regions` | off (needs block_cache) |" in index
+    assert "| 10 | `block_regions` | off (needs block_cache) |" in index
     assert "| 3 | `quantize_attention` | off (needs quantizes_attention) |" in index  # attention="exact"
     assert not any(p.name.endswith("_block_regions.py") for p in d.iterdir())
 
@@ -150,11 +150,11 @@ def test_dump_shows_the_regions_and_each_distinct_body(tmp_path):
     (d,) = list(tmp_path.iterdir())
     files = sorted(p.name for p in d.iterdir())
     assert files == ["00_captured.py", "01_find_blocks.py", "02_quantize_linears.py", "03_fuse_regions.py",
-                     "04_share_quantization.py", "05_block_regions.py", "06_precision_guards.py", "07_block_body_0.py",
-                     "index.md"]
-    main = (d / "05_block_regions.py").read_text()
+                     "04_fold_gelu.py", "05_share_quantization.py", "06_block_regions.py", "07_precision_guards.py",
+                     "08_block_body_0.py", "index.md"]
+    main = (d / "06_block_regions.py").read_text()
     assert main.count("self.sixbit_block_") == 3 and "quantized_linear" not in main.split("\n\n", 1)[1]
-    body = (d / "07_block_body_0.py").read_text()
+    body = (d / "08_block_body_0.py").read_text()
     assert body.count("torch.ops.sixbit.quantized_linear.default(") == 10
     assert body.count("torch.amax(") == 7  # precision_guards: one outlier ratio per distinct linear input (q, k, v share one)
     index = (d / "index.md").read_text()

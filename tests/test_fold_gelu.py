@@ -76,9 +76,9 @@ def test_op_applies_the_activation_on_every_path(precision):
 def test_op_on_the_gpu_int8_kernels_matches_gelu_first():
     if not torch.cuda.is_available():
         pytest.skip("the INT8 kernels run on CUDA only (the kernel is checked above under the interpreter)")
-    x, args = _linear(Precision.INT8)
+    x, (packed, block_scales, tensor_scale, bias, slots, slot, k, hadamard) = _linear(Precision.INT8)
     x = x.cuda().bfloat16()
-    args = tuple(a.cuda() if isinstance(a, torch.Tensor) and a.dim() else a for a in args)
+    args = (packed.cuda(), block_scales.cuda(), tensor_scale.cuda(), bias.cuda().bfloat16(), slots, slot, k, hadamard)
     fused = QUANTIZED_LINEAR(x, *args, x_activation="gelu_tanh")
     assert rel_err(fused.float(), QUANTIZED_LINEAR(gelu(x), *args).float()) < 2e-3
 
