@@ -90,21 +90,26 @@ def main(argv=None):
                  "floor_s": 3 * elements / copy_bw, "design_bytes_s": 4 * elements / copy_bw}
         entry["speedup"] = entry["unfolded_s"] / entry["folded_s"]
         entry["folded_vs_floor"] = entry["floor_s"] / entry["folded_s"]
-        if args.sweep:
+        if args.sweep:  # each tile alone (without autotuning the first of TILES runs)
             entry["tiles"] = {}
-            saved = prologue.BLOCK_S, prologue.HEADS, prologue.WARPS
-            os.environ["SIXBIT_GEMM_AUTOTUNE"] = "0"  # single_config(): the module's tile
+            tiles = prologue.TILES
+            os.environ["SIXBIT_GEMM_AUTOTUNE"] = "0"
             try:
-                for tile in prologue.TILES:
-                    prologue.BLOCK_S, prologue.HEADS, prologue.WARPS = tile
+                for tile in tiles:
+                    prologue.TILES = (tile,) + tuple(t for t in tiles if t != tile)
                     mean = prologue.rope_key_mean(xk, wk, eps, cos, sin, h)
                     entry["tiles"][str(tile)] = {
                         "mean_s": bench(lambda: prologue.rope_key_mean(xk, wk, eps, cos, sin, h)),
                         "codes_s": bench(lambda: prologue.quantize_qk_norm_rope(xk, wk, eps, cos, sin, h, mean)),
                     }
             finally:
-                prologue.BLOCK_S, prologue.HEADS, prologue.WARPS = saved
+                prologue.TILES = tiles
                 os.environ.pop("SIXBIT_GEMM_AUTOTUNE")
+            rstd = prologue._rstd(xk, eps)
+            entry["rstd_s"] = bench(lambda: prologue._rstd(xk, eps))
+            entry["quantize_qk_s"] = bench(lambda: attn.quantize_qk(rope(xk, wk, eps, cos, sin, h), None))
+            entry["inductor_rope_s"] = bench(lambda: rope(xk, wk, eps, cos, sin, h))
+            del rstd
         res["shapes"][name] = entry
         print(name, entry, flush=True)
     write_json("attention_prologue.json", res)
