@@ -105,11 +105,9 @@ def main(argv=None):
             finally:
                 prologue.TILES = tiles
                 os.environ.pop("SIXBIT_GEMM_AUTOTUNE")
-            rstd = prologue._rstd(xk, eps)
             entry["rstd_s"] = bench(lambda: prologue._rstd(xk, eps))
             entry["quantize_qk_s"] = bench(lambda: attn.quantize_qk(rope(xk, wk, eps, cos, sin, h), None))
             entry["inductor_rope_s"] = bench(lambda: rope(xk, wk, eps, cos, sin, h))
-            del rstd
         res["shapes"][name] = entry
         print(name, entry, flush=True)
     write_json("attention_prologue.json", res)
