@@ -142,6 +142,11 @@ def test_weight_decode_matches_spec(n, k, nasty_rows):
     f, fs = decode_nvfp4_to_fp8(packed, scales.view(torch.uint8), ts)
     ref_f, ref_fs = nvfp4_to_fp8(packed, scales, ts)
     assert torch.equal(fp8_bits(f), fp8_bits(ref_f)) and same(fs, ref_fs)
+    if nasty_rows:  # an infinite tensor scale: zero codes decode to NaN (0 · inf), the others saturate
+        inf = torch.full_like(ts, float("inf"))
+        q, s = decode_nvfp4_to_int8(packed, scales.view(torch.uint8), inf)
+        ref_q, ref_s = nvfp4_to_int8(packed, scales, inf)
+        assert torch.isnan(ref_s).any() and torch.equal(q, ref_q) and same(s, ref_s)
 
 
 @pytest.mark.parametrize("m, n, k", [(70, 40, 208), (130, 72, 64), (1, 8, 16)])

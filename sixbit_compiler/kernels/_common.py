@@ -44,9 +44,11 @@ def round_to_bf16(v):
 
 
 @triton.jit
-def round_to(v, dtype: tl.constexpr):
-    """fp32 v rounded to ``dtype`` (bf16, fp16 or fp32) and back, as a cast to it would."""
-    if dtype == tl.bfloat16:
+def round_to(v, dtype: tl.constexpr, HW_CVT: tl.constexpr = False):
+    """fp32 v rounded to ``dtype`` (bf16, fp16 or fp32) and back, as a cast to it would.
+    ``HW_CVT`` (compiled kernels): the cast itself, one conversion instruction, where the bf16
+    rounding by hand costs about ten."""
+    if dtype == tl.bfloat16 and not HW_CVT:
         return round_to_bf16(v)
     else:
         return v.to(dtype).to(tl.float32)
@@ -76,11 +78,12 @@ def where_nan(cond, x):
 
 
 @triton.jit
-def int8_rows(x):
+def int8_rows(x, HW_CVT: tl.constexpr = False):
     """Per-row symmetric INT8 of fp32 x [R, C], as ``formats.quantize_int8`` (axis=-1).
 
-    Returns (codes as fp32, scale [R] with NaN for rows holding NaN, row amax, |x| with
-    NaN as 0). Infinities must already be saturated.
+    Returns (codes as fp32, or int32 with ``HW_CVT``: encoded by :func:`encode_rows_hw`; scale
+    [R] with NaN for rows holding NaN, row amax, |x| with NaN as 0). Infinities must already be
+    saturated.
     """
     isnan = is_nan(x)
     a = tl.where(isnan, 0.0, tl.abs(x))
@@ -88,8 +91,11 @@ def int8_rows(x):
     has_nan = tl.max(isnan.to(tl.int32), axis=1) > 0
     scale = tl.math.div_rn(amax, 127.0)
     inv = tl.math.div_rn(1.0, tl.where(scale > 0, scale, 1.0))
-    q = rne(tl.where(isnan, 0.0, x) * inv[:, None])
-    q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+    if HW_CVT:
+        q = encode_rows_hw(x, inv, False)
+    else:
+        q = rne(tl.where(isnan, 0.0, x) * inv[:, None])
+        q = tl.minimum(tl.maximum(q, -127.0), 127.0)
     return q, where_nan(has_nan, scale), amax, a
 
 

@@ -23,8 +23,8 @@ tiles, as here, keep many loads in flight.
 
 Rounding follows the eager chain: the norm (x · rstd · weight in fp32) is rounded to x's
 dtype, the rotation computes in fp32 (Wan's frequencies are fp32) without fused multiply-adds
-and is rounded to x's dtype again (``round_to``: by hand, since the interpreter's bf16 cast
-truncates); the codes are then those of ``attention.quantize_qk`` on that tensor. The kernels'
+and is rounded to x's dtype again (``round_to``: the GPU's conversions, by hand under the
+interpreter, whose bf16 cast truncates); the codes are then those of ``attention.quantize_qk`` on that tensor. The kernels'
 rstd (a correctly rounded division and square root) and their sums of squares and of the mean
 run in another order than PyTorch's; in bf16 and fp16 the norm's rounding absorbs that, in
 fp32 a code may move by one where a value sits on a rounding boundary.
@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import interpreting
 from ._common import NO_FMA, int8_rows, round_to, row_tiling, saturate
 from .attention import TOKEN_PAD, attend, quantize_v
 from .gemm import autotune_kwargs, single_config
@@ -66,7 +67,7 @@ def _rope_rows_kernel(
     x_ptr, rstd_ptr, w_ptr, cos_ptr, sin_ptr, mean_ptr, out_ptr, scale_ptr,
     H, S, S_PAD, PARTIALS, limit, stride_b, stride_s, stride_c, cos_b, cos_s, cos_h, sin_b, sin_s, sin_h,
     MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_MEAN: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    HW_CVT: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Head h of BLOCK_S tokens, normed (x · rstd · weight) and rotated. MODE 0: the sum over
     those tokens -> partial [B, PARTIALS, H, D]. MODE 1: per-token INT8 codes [B·H, S_PAD, D]
@@ -84,19 +85,20 @@ def _rope_rows_kernel(
     n = x.to(tl.float32) * tl.load(rstd_ptr + b * S + s, mask=ok, other=0.0)[:, None]
     if HAS_WEIGHT:
         n = n * tl.load(w_ptr + h * HEAD_DIM + d).to(tl.float32)[None, :]
-    n = round_to(n, x.dtype)  # rms_norm's output, in x's dtype
+    n = round_to(n, x.dtype, HW_CVT)  # rms_norm's output, in x's dtype
     x1, x2 = tl.split(tl.reshape(n, (BLOCK_S, HEAD_DIM // 2, 2)))  # the interleaved pairs
     j = tl.arange(0, HEAD_DIM // 2)
     cos = tl.load(cos_ptr + b * cos_b + s[:, None] * cos_s + h * cos_h + j[None, :], mask=ok[:, None], other=0.0)
     sin = tl.load(sin_ptr + b * sin_b + s[:, None] * sin_s + h * sin_h + j[None, :], mask=ok[:, None], other=0.0)
-    r = tl.reshape(tl.join(round_to(x1 * cos - x2 * sin, x.dtype), round_to(x1 * sin + x2 * cos, x.dtype)),
+    r = tl.reshape(tl.join(round_to(x1 * cos - x2 * sin, x.dtype, HW_CVT),
+                           round_to(x1 * sin + x2 * cos, x.dtype, HW_CVT)),
                    (BLOCK_S, HEAD_DIM))
     if MODE == 0:
         tl.store(out_ptr + ((b * PARTIALS + tile) * H + h).to(tl.int64) * HEAD_DIM + d, tl.sum(r, axis=0))
     else:
         if HAS_MEAN:
             r = tl.where(ok[:, None], r - tl.load(mean_ptr + bh * HEAD_DIM + d)[None, :], 0.0)
-        q, scale, _, _ = int8_rows(saturate(r, limit))
+        q, scale, _, _ = int8_rows(saturate(r, limit), HW_CVT)
         row = bh.to(tl.int64) * S_PAD + s
         tl.store(out_ptr + row[:, None] * HEAD_DIM + d[None, :], q.to(tl.int8))
         tl.store(scale_ptr + row, scale)
@@ -156,7 +158,8 @@ def _launch(x, rstd, weight, cos, sin, heads, mode, out, scales=None, mean=None)
     args = (x, rstd, weight if weight is not None else x, cos4, sin4, mean if mean is not None else x, out,
             scales if scales is not None else out, heads, s, rows, out.shape[1], limit, *x.stride(),
             *cos4.stride()[:3], *sin4.stride()[:3])
-    flags = dict(MODE=mode, HAS_WEIGHT=weight is not None, HAS_MEAN=mean is not None, HEAD_DIM=d, **NO_FMA)
+    flags = dict(MODE=mode, HAS_WEIGHT=weight is not None, HAS_MEAN=mean is not None, HEAD_DIM=d,
+                 HW_CVT=not interpreting(), **NO_FMA)
     if single_config():
         block_s, warps = TILES[0]
         _rope_rows_kernel[(triton.cdiv(rows, block_s), b * heads)](*args, BLOCK_S=block_s, num_warps=warps, **flags)

@@ -33,7 +33,7 @@ _GELU_DECIDES = tl.constexpr(0.5)
 
 @triton.jit
 def _gelu_rows_amax(x_ptr, rows, row_ok, K, stride_xm, limit, EVICT: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+                    BLOCK_K: tl.constexpr, HW_CVT: tl.constexpr):
     """(max |GELU(x)| per row, rounded to x's dtype and saturated at ``limit``; 1 where GELU(x)
     has a NaN), evaluating GELU once per row where it can. GELU increases above its minimum
     (x ≈ −0.75) and |GELU(x)| < 0.17 for x < 0, so where a row's largest x is 0.5 or more its
@@ -52,7 +52,7 @@ def _gelu_rows_amax(x_ptr, rows, row_ok, K, stride_xm, limit, EVICT: tl.constexp
         bad = is_nan(x) | (x == float("-inf"))
         xmax = tl.maximum(xmax, tl.max(tl.where(bad, float("-inf"), x), axis=1))
         has_nan = tl.maximum(has_nan, tl.max(bad.to(tl.int32), axis=1))
-    amax = tl.minimum(round_to(gelu_tanh(xmax), x_ptr.dtype.element_ty), limit)
+    amax = tl.minimum(round_to(gelu_tanh(xmax), x_ptr.dtype.element_ty, HW_CVT), limit)
     small = row_ok & (xmax < _GELU_DECIDES)
     if tl.max(small.to(tl.int32), axis=0) > 0:
         every = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -61,7 +61,7 @@ def _gelu_rows_amax(x_ptr, rows, row_ok, K, stride_xm, limit, EVICT: tl.constexp
             mask = row_ok[:, None] & (cols[None, :] < K)
             x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0,
                         eviction_policy=EVICT).to(tl.float32)
-            y = round_to(gelu_tanh(x), x_ptr.dtype.element_ty)
+            y = round_to(gelu_tanh(x), x_ptr.dtype.element_ty, HW_CVT)
             every = tl.maximum(every, tl.max(tl.where(is_nan(y), 0.0, tl.minimum(tl.abs(y), limit)), axis=1))
         amax = tl.where(small, every, amax)
     return amax, has_nan
@@ -93,7 +93,7 @@ def _rows_kernel(
         mask = row_ok[:, None] & (cols[None, :] < K)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if GELU:
-            x = round_to(gelu_tanh(x), x_ptr.dtype.element_ty)
+            x = round_to(gelu_tanh(x), x_ptr.dtype.element_ty, HW_CVT)
         x = saturate(x, limit)
         if FP8:
             q, scale, amax, a = fp8_rows(x)
@@ -108,7 +108,8 @@ def _rows_kernel(
         abssum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         has_nan = tl.zeros((BLOCK_M,), dtype=tl.int32)
         if GELU:  # (sum |GELU(x)| is not computed: the INT8 GEMM, its only reader, discards it)
-            amax, has_nan = _gelu_rows_amax(x_ptr, rows, row_ok, K, stride_xm, limit, FIRST, BLOCK_M, BLOCK_K)
+            amax, has_nan = _gelu_rows_amax(x_ptr, rows, row_ok, K, stride_xm, limit, FIRST, BLOCK_M, BLOCK_K,
+                                            HW_CVT)
         else:
             for k0 in range(0, K, BLOCK_K):
                 cols = k0 + tl.arange(0, BLOCK_K)
@@ -128,7 +129,7 @@ def _rows_kernel(
             x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0,
                         eviction_policy=AFTER).to(tl.float32)
             if GELU:
-                x = round_to(gelu_tanh(x), x_ptr.dtype.element_ty)
+                x = round_to(gelu_tanh(x), x_ptr.dtype.element_ty, HW_CVT)
             if HW_CVT:  # the conversions saturate ±Inf themselves
                 q = encode_rows_hw(x, inv, FP8)
             else:

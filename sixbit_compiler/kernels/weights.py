@@ -34,25 +34,50 @@ def _decode_chunk(packed_ptr, scales_ptr, rows, k0, N, KP, BLOCK_N: tl.constexpr
 
 
 @triton.jit
+def _block_peaks(packed_ptr, scales_ptr, rows, k0, N, KP, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Per 16-block of columns k0.. of the stored weight: the value of its largest-magnitude
+    code times its scale, [BLOCK_N, BLOCK_K // 16] (0 past KP). An e2m1 magnitude grows with
+    the code's low three bits, so the block's largest |value| is this one's magnitude: one decode
+    per 16 weights instead of one per weight."""
+    half = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    pmask = (rows[:, None] < N) & (half[None, :] < KP // 2)
+    b = tl.load(packed_ptr + rows[:, None] * (KP // 2) + half[None, :], mask=pmask, other=0).to(tl.int32)
+    code = tl.max(tl.reshape(tl.maximum(b & 7, (b >> 4) & 7), (BLOCK_N, BLOCK_K // 16, 8)), axis=2)
+    blk = k0 // 16 + tl.arange(0, BLOCK_K // 16)
+    smask = (rows[:, None] < N) & (blk[None, :] < KP // 16)
+    s = tl.load(scales_ptr + rows[:, None] * (KP // 16) + blk[None, :], mask=smask, other=0)
+    return e2m1_decode(code) * e4m3_value(s)
+
+
+@triton.jit
 def _decode_kernel(
     packed_ptr, scales_ptr, ts_ptr, out_ptr, ch_scale_ptr, N, KP,
     TO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HW_CVT: tl.constexpr,
 ):
     """TO = 0: block values; 1 / 2: per-channel INT8 / FP8 e4m3 of the dequantized weight
     (``HW_CVT``: encoded with the GPU's conversion instructions, ``encode_rows_hw``).
-    Rows go in chunks of BLOCK_K: for the per-channel codes a first pass takes the row's max,
-    a second decodes again (the packed row is small and in L2) and writes."""
+    Rows go in chunks of BLOCK_K: for the per-channel codes a first pass takes the row's max
+    from each 16-block's largest code (:func:`_block_peaks`), a second decodes (the packed row
+    is small and in L2) and writes. (Decoding every weight in the first pass too made the decode
+    0.9 ms of a W-14B block on an H100, about 5x its traffic's time.)"""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     lim = 3.4028234663852886e38
     if TO != 0:
         ts = tl.load(ts_ptr)
         amax = tl.zeros((BLOCK_N,), dtype=tl.float32)
         has_nan = tl.zeros((BLOCK_N,), dtype=tl.int32)
-        for k0 in range(0, KP, BLOCK_K):
-            w = _decode_chunk(packed_ptr, scales_ptr, rows, k0, N, KP, BLOCK_N, BLOCK_K) * ts
-            isnan = is_nan(w)
-            amax = tl.maximum(amax, tl.max(tl.where(isnan, 0.0, tl.minimum(tl.abs(w), lim)), axis=1))
-            has_nan = tl.maximum(has_nan, tl.max(isnan.to(tl.int32), axis=1))
+        if (ts == float("inf")) | (ts == float("-inf")):  # each zero code is then NaN (0 · inf): every weight
+            for k0 in range(0, KP, BLOCK_K):
+                w = _decode_chunk(packed_ptr, scales_ptr, rows, k0, N, KP, BLOCK_N, BLOCK_K) * ts
+                isnan = is_nan(w)
+                amax = tl.maximum(amax, tl.max(tl.where(isnan, 0.0, tl.minimum(tl.abs(w), lim)), axis=1))
+                has_nan = tl.maximum(has_nan, tl.max(isnan.to(tl.int32), axis=1))
+        else:  # the row's max from each block's largest code (the same fp32 products, rounded alike)
+            for k0 in range(0, KP, BLOCK_K):
+                w = _block_peaks(packed_ptr, scales_ptr, rows, k0, N, KP, BLOCK_N, BLOCK_K) * ts
+                isnan = is_nan(w)
+                amax = tl.maximum(amax, tl.max(tl.where(isnan, 0.0, tl.minimum(tl.abs(w), lim)), axis=1))
+                has_nan = tl.maximum(has_nan, tl.max(isnan.to(tl.int32), axis=1))
         scale = tl.math.div_rn(amax, 127.0 if TO == 1 else 448.0)
         inv = tl.math.div_rn(1.0, tl.where(scale > 0, scale, 1.0))
         tl.store(ch_scale_ptr + rows, where_nan(has_nan > 0, scale), mask=rows < N)
