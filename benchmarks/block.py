@@ -201,9 +201,10 @@ def parse_ncu_csv(text: str, calls: int = 2) -> dict | None:
 
 
 #: sixbit's quantized attention: the kernel and its Q/K and V quantization passes (the folded
-#: q/k norm + RoPE kernel counts as attention here, so ``kernel_split`` undercounts the
-#: non-attention part of folded modes by its norm and RoPE work)
-SIXBIT_ATTENTION_KERNELS = ("_attention_kernel", "_qk_rows_kernel", "_v_kernel", "_qk_norm_rope_kernel")
+#: q/k norm + RoPE kernels, ``_rope_rows_kernel`` and ``_rstd_kernel``, count as attention here,
+#: as the Q/K quantization they include does, so ``kernel_split`` undercounts the non-attention
+#: part of folded modes by their norm and RoPE work)
+SIXBIT_ATTENTION_KERNELS = ("_attention_kernel", "_qk_rows_kernel", "_v_kernel", "_rope_rows_kernel", "_rstd_kernel")
 
 
 def is_attention_kernel(name: str) -> bool:

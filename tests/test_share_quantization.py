@@ -69,9 +69,12 @@ def test_the_op_computes_the_spec_only_when_a_reader_takes_int8_on_the_kernels(m
     x[0, 1] = 0
     x[1, 2, 5] = float("nan")
     x[1, 3, 7] = float("inf")
+    # on a GPU machine the kernels run on CUDA tensors only (on CPU under the interpreter)
+    x = x.to("cuda" if torch.cuda.is_available() else "cpu")
     slots = torch.tensor([int(Precision.NVFP4), int(Precision.INT8)], dtype=torch.int8)
     codes, scales = shared_int8_quantization(x, slots, [0, 1])
-    ref_codes, ref_scales = quantize_int8(x.reshape(-1, 48))
+    ref_codes, ref_scales = quantize_int8(x.cpu().reshape(-1, 48))
+    codes, scales = codes.cpu(), scales.cpu()
     assert torch.equal(codes.reshape(-1, 48), ref_codes)
     assert torch.equal(scales.reshape(-1, 1).isnan(), ref_scales.isnan())
     assert torch.equal(scales.reshape(-1, 1).nan_to_num(0), ref_scales.nan_to_num(0))
