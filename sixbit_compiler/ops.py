@@ -354,9 +354,11 @@ def quantized_attention_qk_norm_rope(q: torch.Tensor, k: torch.Tensor, v: torch.
 
         reason = (attention_prologue.unsupported_reason(q, q_weight, q_cos, q_sin, heads)
                   or attention_prologue.unsupported_reason(k, k_weight, k_cos, k_sin, heads))
-        if reason is None:  # the attention's own limits, on the shapes SDPA would get
-            normed = q.new_empty((q.shape[0], heads, q.shape[1], q.shape[2] // heads))
-            reason = attention.unsupported_reason(normed, k.new_empty(normed.shape[:2] + (k.shape[1], normed.shape[3])), v)
+        if reason is None:  # the attention's own limits, on the shapes SDPA would get (expanded
+            # views of one element: the check reads shapes, dtypes and devices, and allocates nothing)
+            b, d = q.shape[0], q.shape[2] // heads
+            normed_q, normed_k = (t.new_empty((1, 1, 1, 1)).expand(b, heads, t.shape[1], d) for t in (q, k))
+            reason = attention.unsupported_reason(normed_q, normed_k, v)
         if reason is None:
             return attention_prologue.quantized_attention_qk_norm_rope(
                 q, k, v, q_weight, k_weight, q_eps, k_eps, q_cos, q_sin, k_cos, k_sin, scale)

@@ -153,6 +153,24 @@ def test_op_runs_spec_on_cpu_and_kernels_agree(monkeypatch):
     assert torch.equal(ops.quantized_attention_qk_norm_rope(*args), _reference(*args))
 
 
+def test_op_falls_back_to_the_eager_prologue_and_exact_sdpa(caplog):
+    """A head dim the attention kernel does not take (24): the chain and exact SDPA, one log line."""
+    import torch.nn.functional as F
+
+    from sixbit_compiler import ops
+
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("without kernels the op runs the spec, not a fallback")
+    args = [a.to(_device()) if isinstance(a, torch.Tensor) else a for a in _op_args(s=20, h=2, d=24)]
+    with caplog.at_level("WARNING", logger="sixbit"):
+        out = ops.quantized_attention_qk_norm_rope(*args)
+    q, k = (spec.rms_norm_rope(x, w, e, c, s_, 2) for x, w, e, c, s_ in ((args[0], args[3], args[5], args[7], args[8]),
+                                                                      (args[1], args[4], args[6], args[9], args[10])))
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, args[2]))
+    assert "quantized_attention_qk_norm_rope runs the eager prologue and exact SDPA" in caplog.text
+    assert "head dim 24" in caplog.text
+
+
 def test_op_kernels_on_gpu_match_spec():
     if not torch.cuda.is_available():
         pytest.skip("the compiled kernels need a GPU (the interpreter runs them above)")
