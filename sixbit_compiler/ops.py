@@ -86,6 +86,8 @@ def quantized_linear(
     if x_activation is not None and x_activation not in ACTIVATIONS:
         raise ValueError(f"sixbit::quantized_linear: x_activation must be None or one of {sorted(ACTIVATIONS)}, "
                          f"got {x_activation!r}")
+    if x_activation is not None and x_codes is not None:  # the codes would be x's, not the activation's
+        raise ValueError("sixbit::quantized_linear: x_codes cannot come with x_activation")
     precision = Precision(int(precision_slots[slot]))
     if CALIBRATION_RECORDER is not None:
         CALIBRATION_RECORDER(slot, apply_activation(x, x_activation), w_packed, w_block_scales, w_tensor_scale,

@@ -116,6 +116,9 @@ def test_op_rejects_an_unknown_activation():
     x, args = _linear(Precision.INT8)
     with pytest.raises(ValueError, match="x_activation"):
         QUANTIZED_LINEAR(x, *args, x_activation="relu")
+    codes, scales = quantize_int8(x)
+    with pytest.raises(ValueError, match="x_codes cannot come with x_activation"):
+        QUANTIZED_LINEAR(x, *args, x_codes=codes, x_scales=scales, x_activation="gelu_tanh")
 
 
 def test_op_passes_opcheck():
