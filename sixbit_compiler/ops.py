@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from .formats import Precision
-from .reference import quantized_linear_reference, reference_scales
+from .reference import ACTIVATIONS, apply_activation, quantized_linear_reference, reference_scales
 
 #: Set SIXBIT_KERNELS=0 to run the reference path on GPU too (debugging, A/B checks).
 KERNELS_ENV = "SIXBIT_KERNELS"
@@ -79,10 +79,8 @@ def quantized_linear(
 
     ``x_activation`` (``fold_gelu``): None, or "gelu_tanh": the linear's input is
     ``F.gelu(x, approximate="tanh")``. INT8 calls on the kernels apply it in their quantization
-    kernel; every other path computes it first (``dispatch.ACTIVATIONS``).
+    kernel; every other path computes it first (``reference.ACTIVATIONS``).
     """
-    from .kernels.dispatch import ACTIVATIONS, apply_activation
-
     if x_activation is not None and x_activation not in ACTIVATIONS:
         raise ValueError(f"sixbit::quantized_linear: x_activation must be None or one of {sorted(ACTIVATIONS)}, "
                          f"got {x_activation!r}")

@@ -63,6 +63,15 @@ def prepare_activation(x2d: torch.Tensor, in_features: int, padded_k: int, hadam
     return xk
 
 
+#: the activations a quantized linear can apply to its input (``x_activation``), as PyTorch does
+ACTIVATIONS = {"gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh")}
+
+
+def apply_activation(x: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """x, or ``ACTIVATIONS[activation](x)``."""
+    return x if activation is None else ACTIVATIONS[activation](x)
+
+
 def stored_k(w_packed: torch.Tensor) -> int:
     """The padded K of a stored weight: NVFP4 packs two codes a byte, INT8 one."""
     return w_packed.shape[-1] * (1 if w_packed.dtype == torch.int8 else 2)

@@ -28,7 +28,7 @@ import torch
 
 from ..formats import Precision, hadamard_rotate
 from ..formats._common import pad_last
-from ..reference import stored_k
+from ..reference import apply_activation, stored_k
 from . import log_fallback_once
 from .gemm import scaled_gemm
 from .quantize import quantize_fp8_rows, quantize_int8_rows, quantize_nvfp4_values
@@ -81,15 +81,6 @@ def fp8_linear(x2d, w_packed, w_block_scales_bits, w_tensor_scale, bias, out_dty
     if bias is not None:
         out = out + bias.to(out_dtype)
     return out
-
-
-#: the activations a quantized linear can apply to its input (``x_activation``), as PyTorch does
-ACTIVATIONS = {"gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh")}
-
-
-def apply_activation(x: torch.Tensor, activation: str | None) -> torch.Tensor:
-    """x, or ``ACTIVATIONS[activation](x)``."""
-    return x if activation is None else ACTIVATIONS[activation](x)
 
 
 def gemm_input(x, w_packed, in_features: int, hadamard: bool, precision: Precision) -> torch.Tensor:

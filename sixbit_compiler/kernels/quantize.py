@@ -27,6 +27,16 @@ from .gemm import autotune_kwargs, single_config
 _F4_MAX, _F8_MAX = 6.0, 448.0
 
 
+@triton.jit
+def _row_chunk(x_ptr, rows, row_ok, k0, K, stride_xm, EVICT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Columns k0 .. k0 + BLOCK_K of ``rows`` as fp32 (0 past K and for rows past the end), with
+    their column indices and mask, loaded with the eviction policy ``EVICT``."""
+    cols = k0 + tl.arange(0, BLOCK_K)
+    mask = row_ok[:, None] & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0, eviction_policy=EVICT)
+    return x.to(tl.float32), cols, mask
+
+
 #: GELU(0.5) ≈ 0.35 exceeds |GELU(x)| for every x < 0 (at most 0.17, near x = −0.75)
 _GELU_DECIDES = tl.constexpr(0.5)
 
@@ -45,10 +55,7 @@ def _gelu_rows_amax(x_ptr, rows, row_ok, K, stride_xm, limit, EVICT: tl.constexp
     xmax = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     has_nan = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        mask = row_ok[:, None] & (cols[None, :] < K)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0,
-                    eviction_policy=EVICT).to(tl.float32)
+        x, _, _ = _row_chunk(x_ptr, rows, row_ok, k0, K, stride_xm, EVICT, BLOCK_K)
         bad = is_nan(x) | (x == float("-inf"))
         xmax = tl.maximum(xmax, tl.max(tl.where(bad, float("-inf"), x), axis=1))
         has_nan = tl.maximum(has_nan, tl.max(bad.to(tl.int32), axis=1))
@@ -57,10 +64,7 @@ def _gelu_rows_amax(x_ptr, rows, row_ok, K, stride_xm, limit, EVICT: tl.constexp
     if tl.max(small.to(tl.int32), axis=0) > 0:
         every = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            mask = row_ok[:, None] & (cols[None, :] < K)
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0,
-                        eviction_policy=EVICT).to(tl.float32)
+            x, _, _ = _row_chunk(x_ptr, rows, row_ok, k0, K, stride_xm, EVICT, BLOCK_K)
             y = round_to(gelu_tanh(x), x_ptr.dtype.element_ty, HW_CVT)
             every = tl.maximum(every, tl.max(tl.where(is_nan(y), 0.0, tl.minimum(tl.abs(y), limit)), axis=1))
         amax = tl.where(small, every, amax)
@@ -112,10 +116,7 @@ def _rows_kernel(
                                             HW_CVT)
         else:
             for k0 in range(0, K, BLOCK_K):
-                cols = k0 + tl.arange(0, BLOCK_K)
-                mask = row_ok[:, None] & (cols[None, :] < K)
-                x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0,
-                            eviction_policy=FIRST).to(tl.float32)
+                x, _, _ = _row_chunk(x_ptr, rows, row_ok, k0, K, stride_xm, FIRST, BLOCK_K)
                 isnan = is_nan(x)
                 a = tl.where(isnan, 0.0, tl.minimum(tl.abs(x), limit))
                 amax = tl.maximum(amax, tl.max(a, axis=1))
@@ -124,10 +125,7 @@ def _rows_kernel(
         scale = tl.math.div_rn(amax, QMAX)
         inv = tl.math.div_rn(1.0, tl.where(scale > 0, scale, 1.0))
         for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            mask = row_ok[:, None] & (cols[None, :] < K)
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0,
-                        eviction_policy=AFTER).to(tl.float32)
+            x, cols, mask = _row_chunk(x_ptr, rows, row_ok, k0, K, stride_xm, AFTER, BLOCK_K)
             if GELU:
                 x = round_to(gelu_tanh(x), x_ptr.dtype.element_ty, HW_CVT)
             if HW_CVT:  # the conversions saturate ±Inf themselves
