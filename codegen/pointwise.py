@@ -47,7 +47,8 @@ _UNARY = {
     torch.tanh: "(2.0 * tl.sigmoid(2.0 * {x}) - 1.0)", "tanh": "(2.0 * tl.sigmoid(2.0 * {x}) - 1.0)",
     torch.exp: "tl.exp({x})",
 }
-# 0.5·x·(1 + tanh(y)) = x·sigmoid(2y): no cancellation where tanh(y) is close to -1
+# 0.5·x·(1 + tanh(y)) = x·sigmoid(2y): no cancellation where tanh(y) is close to -1 (the same
+# expression as ``kernels._common.gelu_tanh``, which the quantization kernel's GELU uses)
 _GELU_TANH = "({x} * tl.sigmoid(1.5957691216057308 * ({x} + 0.044715 * {x} * {x} * {x})))"
 _GELU_ERF = "(0.5 * {x} * (1.0 + tl.erf({x} * 0.7071067811865476)))"
 
