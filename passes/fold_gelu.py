@@ -13,15 +13,16 @@ takes h instead, with ``x_activation="gelu_tanh"``, and the GELU and dropouts ar
 Why: between a DiT feed-forward's two GEMMs the GELU's output is the widest activation of the
 block (W-14B: 32,760 × 13,824). Unfolded, a GELU kernel writes it in bf16 and the
 quantization reads it back (0.68 ms of a W-14B block on an H100, docs/benchmarks.md block run
-9); folded, the INT8 call's quantization kernel computes GELU(h) as it reads h
+9); folded, an INT8 or FP8 call's quantization kernel computes GELU(h) as it reads h
 (``kernels.quantize``'s ``GELU``), so GELU(h) never goes to memory. Calls at other precisions,
 the reference path and calibration apply ``F.gelu`` first: the same values as before.
 
 Guarantees:
 * per folded GELU: −1 ``F.gelu``, −n inert ``F.dropout`` between it and its readers; each
   reader gains the ``x_activation`` keyword argument; nothing is added;
-* outputs unchanged on every path but the INT8 kernels', where the kernel's GELU (the codegen's
-  expression, in fp32, rounded to h's dtype) may differ from PyTorch's in the last bit of a value;
+* outputs unchanged on every path but the INT8 / FP8 kernels', where the kernel's GELU (the
+  codegen's expression, in fp32, rounded to h's dtype) may differ from PyTorch's in the last bit
+  of a value;
 * a GELU left alone gets a note in the dump index with the reason.
 """
 

@@ -68,13 +68,14 @@ def float_scaled_gemm(a, b, scale, bias, out_dtype, backend: str):
     return out
 
 
-def fp8_linear(x2d, w_packed, w_block_scales_bits, w_tensor_scale, bias, out_dtype, backend: str):
-    """The FP8 tier: per-token e4m3 activations (``quantize_fp8_rows``, one read) and
-    per-channel e4m3 weights decoded per call (``decode_nvfp4_to_fp8``), then either the
-    Triton scaled-GEMM template (``"triton"``: scales, bias and cast fused) or cuBLAS's FP8
+def fp8_linear(x2d, w_packed, w_block_scales_bits, w_tensor_scale, bias, out_dtype, backend: str,
+               gelu: bool = False):
+    """The FP8 tier: per-token e4m3 activations (``quantize_fp8_rows``, one read; of GELU(x) with
+    ``gelu``) and per-channel e4m3 weights decoded per call (``decode_nvfp4_to_fp8``), then either
+    the Triton scaled-GEMM template (``"triton"``: scales, bias and cast fused) or cuBLAS's FP8
     rowwise ``_scaled_mm`` (``"cublas"``, bias added after; it wants N % 16 == 0)."""
     n = w_packed.shape[0]
-    xq, xs, wq, ws = fp8_operands(x2d, w_packed, w_block_scales_bits, w_tensor_scale)
+    xq, xs, wq, ws = fp8_operands(x2d, w_packed, w_block_scales_bits, w_tensor_scale, gelu=gelu)
     if backend == "triton" or n % 16 or out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return scaled_gemm(xq, wq, xs, ws, bias, out_dtype)
     out = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.t().contiguous(), out_dtype=out_dtype)
@@ -133,9 +134,10 @@ def int8_operands_from_codes(x_codes, x_scales, w_packed, w_block_scales_bits, w
     return (xq, xs, *_int8_weight(w_packed, w_block_scales_bits, w_tensor_scale))
 
 
-def fp8_operands(x2d, w_packed, w_block_scales_bits, w_tensor_scale):
-    """(x codes, per-token scale, weight codes, per-channel scale) of the FP8 GEMM."""
-    xq, xs, _, _ = quantize_fp8_rows(x2d)
+def fp8_operands(x2d, w_packed, w_block_scales_bits, w_tensor_scale, gelu: bool = False):
+    """(x codes, per-token scale, weight codes, per-channel scale) of the FP8 GEMM (``gelu``: as
+    in :func:`int8_operands`)."""
+    xq, xs, _, _ = quantize_fp8_rows(x2d, gelu=gelu)
     if w_packed.dtype == torch.int8:  # stored per-channel INT8: re-quantize the dequantized rows
         wq, ws, _, _ = quantize_fp8_rows(w_packed.to(torch.float32) * w_block_scales_bits)
         return xq, xs, wq, ws
@@ -153,9 +155,9 @@ def quantized_linear(
 ):
     """Kernel path; returns None (after logging once) for a case the kernels do not take.
 
-    ``activation`` ("gelu_tanh"): the linear's input is GELU(x) (``fold_gelu``). An INT8 call
-    applies it inside the quantization kernel, so GELU(x) never goes to memory; every other
-    call computes it first.
+    ``activation`` ("gelu_tanh"): the linear's input is GELU(x) (``fold_gelu``). An INT8 or FP8
+    call applies it inside the quantization kernel, so GELU(x) never goes to memory; every other
+    call (and one given shared codes, or rotating x) computes it first.
 
     ``x_int8``: (codes, scales) of x from :func:`usable_codes`, for an INT8 call whose activation
     is already quantized; the call then quantizes nothing.
@@ -173,7 +175,8 @@ def quantized_linear(
         return None
     out_dtype = x.dtype
     lead = x.shape[:-1]
-    fused_gelu = activation is not None and precision == Precision.INT8 and x_int8 is None and not hadamard
+    fused_gelu = (activation is not None and precision in (Precision.INT8, Precision.FP8) and x_int8 is None
+                  and not hadamard)
     if activation is not None and not fused_gelu:
         x = apply_activation(x, activation)
     x2d = None if x_int8 is not None else gemm_input(x, w_packed, in_features, hadamard, precision)
@@ -185,7 +188,8 @@ def quantized_linear(
         xq, xs, wq, ws = int8_operands(x2d, w_packed, w_block_scales_bits, w_tensor_scale, gelu=fused_gelu)
         out = scaled_gemm(xq, wq, xs, ws, bias, out_dtype)
     elif precision == Precision.FP8:
-        out = fp8_linear(x2d, w_packed, w_block_scales_bits, w_tensor_scale, bias, out_dtype, float_gemm)
+        out = fp8_linear(x2d, w_packed, w_block_scales_bits, w_tensor_scale, bias, out_dtype, float_gemm,
+                         gelu=fused_gelu)
     elif w_packed.dtype == torch.int8:  # NVFP4 / bf16 activations on per-channel INT8 codes
         codes = w_packed.to(torch.bfloat16 if precision == Precision.NVFP4 else x2d.dtype)  # exact
         if precision == Precision.NVFP4:

@@ -211,10 +211,11 @@ def quantize_int8_rows(x: torch.Tensor, codes: torch.Tensor | None = None, scale
     return _quantize_rows(x, False, codes, scales, gelu)
 
 
-def quantize_fp8_rows(x: torch.Tensor):
+def quantize_fp8_rows(x: torch.Tensor, gelu: bool = False):
     """x [M, K] -> (float8_e4m3fn codes [M, K], scale fp32 [M, 1], row amax, row sum|x|); the
-    codes and scale equal ``formats.quantize_fp8_rows`` bit for bit."""
-    return _quantize_rows(x, True)
+    codes and scale equal ``formats.quantize_fp8_rows`` bit for bit. ``gelu``: as in
+    :func:`quantize_int8_rows`."""
+    return _quantize_rows(x, True, gelu=gelu)
 
 
 @triton.jit
