@@ -35,7 +35,7 @@ import torch.fx as fx
 from sixbit_compiler.blocks import BlockRunner
 from sixbit_compiler.context import CompileContext
 from sixbit_compiler.residuals import BlockIO, block_io, block_members, contiguous, pair_residuals
-from sixbit_compiler.ops import QUANTIZED_GEMMS, REGION_KERNEL_INT8, SHARED_INT8_QUANTIZATION
+from sixbit_compiler.ops import QUANTIZED_GEMMS, REGION_KERNEL_INT8, SHARED_QUANTIZATIONS
 
 
 def _extract(gm: fx.GraphModule, io: BlockIO) -> fx.GraphModule:
@@ -59,14 +59,15 @@ def _rebase_slots(body: fx.GraphModule) -> tuple[fx.Node, int, int] | None:
     Every quantized linear reads ``precision_slots[slot]``; a block's slots are consecutive,
     so the outer graph can pass the block its own slice and the body can use 0..n-1. Then
     blocks differ only in their inputs and share one lowered body. An op that quantizes an
-    activation for several GEMMs (``shared_int8_quantization``, ``region_kernel_int8``) reads
+    activation for several GEMMs (``shared_int8_quantization`` / ``shared_fp8_quantization``,
+    ``region_kernel_int8``) reads
     their slots as a list, rebased alike.
     """
     qls = [n for n in body.graph.nodes if n.op == "call_function" and n.target in QUANTIZED_GEMMS]
     if not qls:
         return None
     # ops that read a list of the GEMMs' slots: (position of the slots tensor, of the list)
-    lists = {SHARED_INT8_QUANTIZATION: (1, 2), REGION_KERNEL_INT8: (2, 3)}
+    lists = {**{op: (1, 2) for op in SHARED_QUANTIZATIONS.values()}, REGION_KERNEL_INT8: (2, 3)}
     readers = [n for n in body.graph.nodes if n.op == "call_function" and n.target in lists]
     slots_inputs = {n.args[5] for n in qls} | {n.args[lists[n.target][0]] for n in readers}
     indices = [n.args[6] for n in qls]

@@ -1,7 +1,7 @@
 """The custom ops the passes insert: ``sixbit::quantized_linear`` (``quantize_linears``),
 ``sixbit::linear_epilogue`` and ``sixbit::region_kernel`` (``lower_regions``, generated kernels),
 ``sixbit::region_kernel_int8`` (``quantize_prologues``), ``sixbit::shared_int8_quantization``
-(``share_quantization``),
+and ``sixbit::shared_fp8_quantization`` (``share_quantization``),
 ``sixbit::residual_abs_sums`` (``precision_guards``), ``sixbit::quantized_attention``
 (``quantize_attention``), ``sixbit::quantized_attention_qk_norm_rope`` (``fold_qk_norm_rope``).
 
@@ -73,13 +73,14 @@ def quantized_linear(
     [N, 1] and an unused 1.0 (``weight_store.QuantizedWeight``).
 
     ``x_codes`` / ``x_scales`` (``share_quantization``, ``quantize_prologues``): x's per-token
-    INT8 codes and scales, computed once for every GEMM reading x, and valid whenever this call's
-    precision is INT8 and the kernels run on x. Such a call then skips quantizing x; every other
-    path (other precisions, the reference, calibration) reads x itself.
+    codes and scales, computed once for every GEMM reading x: INT8 codes (int8), valid whenever
+    this call's precision is INT8 and the kernels run on x, or FP8 e4m3 codes (as uint8 bits),
+    valid likewise for FP8 calls. Such a call then skips quantizing x; every other path (the
+    other precisions, the reference, calibration) reads x itself.
 
     ``x_activation`` (``fold_gelu``): None, or "gelu_tanh": the linear's input is
-    ``F.gelu(x, approximate="tanh")``. INT8 calls on the kernels apply it in their quantization
-    kernel; every other path computes it first (``reference.ACTIVATIONS``).
+    ``F.gelu(x, approximate="tanh")``. INT8 and FP8 calls on the kernels apply it in their
+    quantization kernel; every other path computes it first (``reference.ACTIVATIONS``).
     """
     if x_activation is not None and x_activation not in ACTIVATIONS:
         raise ValueError(f"sixbit::quantized_linear: x_activation must be None or one of {sorted(ACTIVATIONS)}, "
@@ -95,7 +96,7 @@ def quantized_linear(
 
         codes = dispatch.usable_codes(x_codes, x_scales, precision, hadamard, w_packed)
         out = dispatch.quantized_linear(x, w_packed, w_block_scales, w_tensor_scale, bias, precision, in_features, hadamard,
-                                        x_int8=codes, activation=x_activation)
+                                        shared_codes=codes, activation=x_activation)
         if out is not None:
             return out
     scales = reference_scales(w_packed, w_block_scales)
@@ -149,7 +150,7 @@ def linear_epilogue(
         if dispatch.unsupported_reason(x, precision) is None:
             codes = dispatch.usable_codes(x_codes, x_scales, precision, hadamard, w_packed)
             if codes is not None:
-                operands = dispatch.int8_operands_from_codes(*codes, w_packed, w_block_scales, w_tensor_scale)
+                operands = dispatch.operands_from_codes(precision, *codes, w_packed, w_block_scales, w_tensor_scale)
             else:
                 x2d = dispatch.gemm_input(x, w_packed, in_features, hadamard, precision)
                 operands = dispatch.ONE_BYTE_OPERANDS[precision](x2d, w_packed, w_block_scales, w_tensor_scale)
@@ -207,9 +208,13 @@ def _region_kernel_fake(key, inputs):
 REGION_KERNEL = torch.ops.sixbit.region_kernel.default
 
 
+def any_reads(precision_slots: torch.Tensor, slots: list[int], precision: Precision) -> bool:
+    """Whether one of the GEMMs with these ``slots`` reads ``precision`` activations this call."""
+    return any(Precision(int(precision_slots[s])) == precision for s in slots)
+
+
 def any_reads_int8(precision_slots: torch.Tensor, slots: list[int]) -> bool:
-    """Whether one of the GEMMs with these ``slots`` reads INT8 activations this call."""
-    return any(Precision(int(precision_slots[s])) == Precision.INT8 for s in slots)
+    return any_reads(precision_slots, slots, Precision.INT8)
 
 
 @torch.library.custom_op("sixbit::region_kernel_int8", mutates_args=())
@@ -241,25 +246,33 @@ def _region_kernel_int8_fake(key, inputs, precision_slots, slots):
 REGION_KERNEL_INT8 = torch.ops.sixbit.region_kernel_int8.default
 
 
+def _shared_codes(x: torch.Tensor, precision_slots: torch.Tensor, slots: list[int], precision: Precision):
+    """x's per-token codes [..., K] (int8 for INT8, e4m3 bits as uint8 for FP8) and fp32 scales
+    [..., 1], written when one of the ``slots`` reads ``precision`` this call and the kernels run
+    on x (the only path that reads codes: on CPU without them every GEMM runs the reference,
+    which reads x), and left unwritten otherwise: a GEMM reads them only when its own precision
+    is the codes' one, on the kernels."""
+    fp8 = precision == Precision.FP8
+    codes = torch.empty(x.shape, dtype=torch.uint8 if fp8 else torch.int8, device=x.device)
+    scales = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
+    if (x.numel() and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and generated_kernels_run_on(x)
+            and any_reads(precision_slots, slots, precision)):
+        from .kernels.quantize import quantize_rows_into
+
+        # written in place (a copy after the kernel was one more read and write of the codes)
+        quantize_rows_into(x.reshape(-1, x.shape[-1]).contiguous(), codes.view(-1, x.shape[-1]),
+                           scales.view(-1, 1), fp8=fp8)
+    return codes, scales
+
+
 @torch.library.custom_op("sixbit::shared_int8_quantization", mutates_args=())
 def shared_int8_quantization(
     x: torch.Tensor, precision_slots: torch.Tensor, slots: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x's per-token INT8 codes [..., K] and fp32 scales [..., 1] (``formats.quantize_int8`` over
-    the last dim), computed once for the quantized GEMMs that read x (``share_quantization``).
-    They are written when one of those GEMMs' ``slots`` reads INT8 this call and the kernels
-    run on x (the only path that reads codes: on CPU without them every GEMM runs the
-    reference, which reads x), and left unwritten otherwise: a GEMM reads them only when its
-    own precision is INT8, on the kernels."""
-    codes = torch.empty(x.shape, dtype=torch.int8, device=x.device)
-    scales = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
-    if (x.numel() and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and generated_kernels_run_on(x)
-            and any_reads_int8(precision_slots, slots)):
-        from .kernels.quantize import quantize_int8_rows
-
-        # written in place (a copy after the kernel was one more read and write of the codes)
-        quantize_int8_rows(x.reshape(-1, x.shape[-1]).contiguous(), codes.view(-1, x.shape[-1]), scales.view(-1, 1))
-    return codes, scales
+    the last dim), computed once for the quantized GEMMs that read x (``share_quantization``),
+    when one of their ``slots`` reads INT8 this call (:func:`_shared_codes`)."""
+    return _shared_codes(x, precision_slots, slots, Precision.INT8)
 
 
 @shared_int8_quantization.register_fake
@@ -267,7 +280,25 @@ def _shared_int8_quantization_fake(x, precision_slots, slots):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
 
 
+@torch.library.custom_op("sixbit::shared_fp8_quantization", mutates_args=())
+def shared_fp8_quantization(
+    x: torch.Tensor, precision_slots: torch.Tensor, slots: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FP8 tier's twin of ``shared_int8_quantization``: x's per-token e4m3 codes (as uint8
+    bits, ``formats.quantize_fp8_rows``) and fp32 scales, when one of the ``slots`` reads FP8
+    this call."""
+    return _shared_codes(x, precision_slots, slots, Precision.FP8)
+
+
+@shared_fp8_quantization.register_fake
+def _shared_fp8_quantization_fake(x, precision_slots, slots):
+    return x.new_empty(x.shape, dtype=torch.uint8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
 SHARED_INT8_QUANTIZATION = torch.ops.sixbit.shared_int8_quantization.default
+SHARED_FP8_QUANTIZATION = torch.ops.sixbit.shared_fp8_quantization.default
+#: the shared quantization op of each precision whose codes GEMMs can share
+SHARED_QUANTIZATIONS = {Precision.INT8: SHARED_INT8_QUANTIZATION, Precision.FP8: SHARED_FP8_QUANTIZATION}
 
 
 @torch.library.custom_op("sixbit::residual_abs_sums", mutates_args=())

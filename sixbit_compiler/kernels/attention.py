@@ -28,7 +28,7 @@ from ..formats.attention import HEAD_DIMS, LOG2E, P_SCALE, key_mean
 from ..formats.fp8 import FP8_E4M3_MAX
 from . import interpreting
 from ._common import NO_FMA, encode_rows, encode_rows_hw, int8_rows, round_to_e4m3, saturate
-from .gemm import launch_with_scratch, prune_tma_configs, single_config, tma_available
+from .gemm import autotune_kwargs, launch_with_scratch, prune_tma_configs, single_config, tma_available
 
 #: tokens are padded to a multiple of this (the largest BLOCK_M / BLOCK_N of the configs)
 TOKEN_PAD = 128
@@ -144,8 +144,9 @@ def _configs():
             _config(128, 64, 4, 3, True), _config(128, 64, 4, 3, False), _config(64, 128, 4, 4, True)]
 
 
+# (autotune_kwargs: the TMA prune, and the choice kept across processes like the GEMM's)
 @triton.autotune(configs=_configs(), key=["HEAD_DIM", "SQ_BUCKET", "SKV_BUCKET", "TMA_OK", "KEY_MASK"],
-                 prune_configs_by={"early_config_prune": prune_tma_configs})
+                 **autotune_kwargs())
 @triton.jit
 def _attention_kernel(
     q_ptr, qs_ptr, k_ptr, ks_ptr, vt_ptr, vs_ptr, o_ptr, mask_ptr, softmax_factor,

@@ -68,14 +68,13 @@ def float_scaled_gemm(a, b, scale, bias, out_dtype, backend: str):
     return out
 
 
-def fp8_linear(x2d, w_packed, w_block_scales_bits, w_tensor_scale, bias, out_dtype, backend: str,
-               gelu: bool = False):
-    """The FP8 tier: per-token e4m3 activations (``quantize_fp8_rows``, one read; of GELU(x) with
-    ``gelu``) and per-channel e4m3 weights decoded per call (``decode_nvfp4_to_fp8``), then either
-    the Triton scaled-GEMM template (``"triton"``: scales, bias and cast fused) or cuBLAS's FP8
-    rowwise ``_scaled_mm`` (``"cublas"``, bias added after; it wants N % 16 == 0)."""
-    n = w_packed.shape[0]
-    xq, xs, wq, ws = fp8_operands(x2d, w_packed, w_block_scales_bits, w_tensor_scale, gelu=gelu)
+def fp8_gemm(xq, xs, wq, ws, bias, out_dtype, backend: str):
+    """The FP8 tier's GEMM on its operands (per-token e4m3 activations, from
+    ``quantize_fp8_rows`` or shared codes, and per-channel e4m3 weights decoded per call by
+    ``decode_nvfp4_to_fp8``): either the Triton scaled-GEMM template (``"triton"``: scales, bias
+    and cast fused) or cuBLAS's FP8 rowwise ``_scaled_mm`` (``"cublas"``, bias added after; it
+    wants N % 16 == 0)."""
+    n = wq.shape[0]
     if backend == "triton" or n % 16 or out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return scaled_gemm(xq, wq, xs, ws, bias, out_dtype)
     out = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.t().contiguous(), out_dtype=out_dtype)
@@ -117,32 +116,45 @@ def int8_operands(x2d, w_packed, w_block_scales_bits, w_tensor_scale, gelu: bool
     return (xq, xs, *_int8_weight(w_packed, w_block_scales_bits, w_tensor_scale))
 
 
+#: the dtype of shared codes each precision can read (FP8 codes cross op boundaries as uint8 bits)
+SHARED_CODE_DTYPES = {Precision.INT8: torch.int8, Precision.FP8: torch.uint8}
+
+
 def usable_codes(x_codes, x_scales, precision: Precision, hadamard: bool, w_packed):
-    """(codes, scales) when an activation's shared INT8 codes (``share_quantization``,
-    ``quantize_prologues``) can stand for quantizing x in this call, else None: an INT8 call,
-    codes given, of the unrotated x whose width is the stored weight's K (the passes check the
-    same; this keeps a mismatch from reaching the GEMM)."""
-    if precision != Precision.INT8 or x_codes is None or hadamard or x_codes.shape[-1] != stored_k(w_packed):
+    """(codes, scales) when an activation's shared codes (``share_quantization``,
+    ``quantize_prologues``) can stand for quantizing x in this call, else None: codes of this
+    call's precision (INT8 codes for an INT8 call, FP8 ones for an FP8 call), of the unrotated x
+    whose width is the stored weight's K (the passes check the same; this keeps a mismatch from
+    reaching the GEMM)."""
+    if (x_codes is None or hadamard or SHARED_CODE_DTYPES.get(precision) != x_codes.dtype
+            or x_codes.shape[-1] != stored_k(w_packed)):
         return None
     return x_codes, x_scales
 
 
-def int8_operands_from_codes(x_codes, x_scales, w_packed, w_block_scales_bits, w_tensor_scale):
-    """:func:`int8_operands` for an activation already quantized (``x_codes`` [..., K] int8,
-    ``x_scales`` [..., 1]): only the weight is decoded."""
+def operands_from_codes(precision: Precision, x_codes, x_scales, w_packed, w_block_scales_bits, w_tensor_scale):
+    """:func:`int8_operands` / :func:`fp8_operands` for an activation already quantized
+    (``x_codes`` [..., K], ``x_scales`` [..., 1], from :func:`usable_codes`): only the weight is
+    decoded."""
     xq, xs = x_codes.reshape(-1, x_codes.shape[-1]), x_scales.reshape(-1, 1)
+    if precision == Precision.FP8:
+        return (xq.view(torch.float8_e4m3fn), xs, *_fp8_weight(w_packed, w_block_scales_bits, w_tensor_scale))
     return (xq, xs, *_int8_weight(w_packed, w_block_scales_bits, w_tensor_scale))
+
+
+def _fp8_weight(w_packed, w_block_scales_bits, w_tensor_scale):
+    """(weight codes, per-channel scale) of the FP8 GEMM, decoded for this call."""
+    if w_packed.dtype == torch.int8:  # stored per-channel INT8: re-quantize the dequantized rows
+        wq, ws, _, _ = quantize_fp8_rows(w_packed.to(torch.float32) * w_block_scales_bits)
+        return wq, ws
+    return decode_nvfp4_to_fp8(w_packed, w_block_scales_bits, w_tensor_scale)
 
 
 def fp8_operands(x2d, w_packed, w_block_scales_bits, w_tensor_scale, gelu: bool = False):
     """(x codes, per-token scale, weight codes, per-channel scale) of the FP8 GEMM (``gelu``: as
     in :func:`int8_operands`)."""
     xq, xs, _, _ = quantize_fp8_rows(x2d, gelu=gelu)
-    if w_packed.dtype == torch.int8:  # stored per-channel INT8: re-quantize the dequantized rows
-        wq, ws, _, _ = quantize_fp8_rows(w_packed.to(torch.float32) * w_block_scales_bits)
-        return xq, xs, wq, ws
-    wq, ws = decode_nvfp4_to_fp8(w_packed, w_block_scales_bits, w_tensor_scale)
-    return xq, xs, wq, ws
+    return (xq, xs, *_fp8_weight(w_packed, w_block_scales_bits, w_tensor_scale))
 
 
 #: the precisions whose GEMM is the one-byte scaled template (codegen fuses epilogues into it)
@@ -151,7 +163,7 @@ ONE_BYTE_OPERANDS = {Precision.INT8: int8_operands, Precision.FP8: fp8_operands}
 
 def quantized_linear(
     x, w_packed, w_block_scales_bits, w_tensor_scale, bias, precision: Precision, in_features: int, hadamard: bool,
-    float_gemm: str | None = None, x_int8=None, activation: str | None = None,
+    float_gemm: str | None = None, shared_codes=None, activation: str | None = None,
 ):
     """Kernel path; returns None (after logging once) for a case the kernels do not take.
 
@@ -159,8 +171,8 @@ def quantized_linear(
     call applies it inside the quantization kernel, so GELU(x) never goes to memory; every other
     call (and one given shared codes, or rotating x) computes it first.
 
-    ``x_int8``: (codes, scales) of x from :func:`usable_codes`, for an INT8 call whose activation
-    is already quantized; the call then quantizes nothing.
+    ``shared_codes``: (codes, scales) of x from :func:`usable_codes`, for an INT8 or FP8 call
+    whose activation is already quantized at its precision; the call then quantizes nothing.
 
     ``float_gemm`` picks the GEMM of the float tiers ("cublas" / "triton"); by default the
     Triton template for all three, the faster of each pair on the H100 (kernel run 6,
@@ -175,21 +187,22 @@ def quantized_linear(
         return None
     out_dtype = x.dtype
     lead = x.shape[:-1]
-    fused_gelu = (activation is not None and precision in (Precision.INT8, Precision.FP8) and x_int8 is None
+    fused_gelu = (activation is not None and precision in (Precision.INT8, Precision.FP8) and shared_codes is None
                   and not hadamard)
     if activation is not None and not fused_gelu:
         x = apply_activation(x, activation)
-    x2d = None if x_int8 is not None else gemm_input(x, w_packed, in_features, hadamard, precision)
+    x2d = None if shared_codes is not None else gemm_input(x, w_packed, in_features, hadamard, precision)
 
-    if x_int8 is not None:
-        xq, xs, wq, ws = int8_operands_from_codes(*x_int8, w_packed, w_block_scales_bits, w_tensor_scale)
-        out = scaled_gemm(xq, wq, xs, ws, bias, out_dtype)
-    elif precision == Precision.INT8:  # (zero padding past in_features is GELU(0) = 0 too)
-        xq, xs, wq, ws = int8_operands(x2d, w_packed, w_block_scales_bits, w_tensor_scale, gelu=fused_gelu)
-        out = scaled_gemm(xq, wq, xs, ws, bias, out_dtype)
-    elif precision == Precision.FP8:
-        out = fp8_linear(x2d, w_packed, w_block_scales_bits, w_tensor_scale, bias, out_dtype, float_gemm,
-                         gelu=fused_gelu)
+    if precision in ONE_BYTE_OPERANDS:  # (zero padding past in_features is GELU(0) = 0 too)
+        if shared_codes is not None:
+            operands = operands_from_codes(precision, *shared_codes, w_packed, w_block_scales_bits, w_tensor_scale)
+        else:
+            operands = ONE_BYTE_OPERANDS[precision](x2d, w_packed, w_block_scales_bits, w_tensor_scale, gelu=fused_gelu)
+        xq, xs, wq, ws = operands
+        if precision == Precision.FP8:
+            out = fp8_gemm(xq, xs, wq, ws, bias, out_dtype, float_gemm)
+        else:
+            out = scaled_gemm(xq, wq, xs, ws, bias, out_dtype)
     elif w_packed.dtype == torch.int8:  # NVFP4 / bf16 activations on per-channel INT8 codes
         codes = w_packed.to(torch.bfloat16 if precision == Precision.NVFP4 else x2d.dtype)  # exact
         if precision == Precision.NVFP4:

@@ -211,6 +211,13 @@ def quantize_int8_rows(x: torch.Tensor, codes: torch.Tensor | None = None, scale
     return _quantize_rows(x, False, codes, scales, gelu)
 
 
+def quantize_rows_into(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, fp8: bool) -> None:
+    """Per-token INT8 codes (``codes`` int8) or FP8 e4m3 codes (``codes`` uint8 bits) of x [M, K]
+    and their fp32 scales, written into ``codes`` [M, K] (unit column stride) and ``scales`` [M, 1]."""
+    assert codes.dtype == (torch.uint8 if fp8 else torch.int8)
+    _quantize_rows(x, fp8, codes, scales)
+
+
 def quantize_fp8_rows(x: torch.Tensor, gelu: bool = False):
     """x [M, K] -> (float8_e4m3fn codes [M, K], scale fp32 [M, 1], row amax, row sum|x|); the
     codes and scale equal ``formats.quantize_fp8_rows`` bit for bit. ``gelu``: as in
