@@ -58,6 +58,9 @@ MODES = {
     "sixbit_fused_int8_attention": {"activation": "int8", "codegen": True, "attention": "int8"},
     # the FP8 tier's activations (per-token e4m3, the FP8 GEMM accumulating in the MMA) instead of INT8
     "sixbit_fp8_int8_attention": {"activation": "fp8", "attention": "int8"},
+    # ... each FP8 GEMM quantizing its own activation, GELU not folded (the FP8 tier before block run 11)
+    "sixbit_fp8_int8_attention_unshared": {"activation": "fp8", "attention": "int8",
+                                           "passes": {"share_quantization": False, "fold_gelu": False}},
     # the same with the norm prologues also writing their GEMMs' INT8 codes (opt-in quantize_prologues)
     "sixbit_fused_int8_attention_prologue_codes": {"activation": "int8", "codegen": True, "attention": "int8",
                                                    "passes": {"quantize_prologues": True}},
@@ -226,9 +229,10 @@ def kernel_split(rows) -> dict:
     return {"kernels_s": total, "attention_kernels_s": attention, "non_attention_kernels_s": total - attention}
 
 
-def top_kernels(call, count=25):
+def top_kernels(call, count=25, timeline=None):
     """The GPU kernels of one call (two blocks) by total time: [name, µs per block, launches]
-    (``count`` None: all of them)."""
+    (``count`` None: all of them). ``timeline``: a dict to fill with :func:`gpu_idle` of the
+    same call."""
     from torch.profiler import ProfilerActivity, profile
 
     call()
@@ -241,7 +245,62 @@ def top_kernels(call, count=25):
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
         if t > 0:
             rows.append([e.key[:90], round(t / 2, 1), e.count / 2])
+    if timeline is not None:
+        timeline.update(gpu_idle(prof.events()))
     return sorted(rows, key=lambda r: -r[1])[:count]
+
+
+def gpu_idle(events, top=6) -> dict:
+    """Per block: the span from the call's first kernel start to its last kernel end, the time in
+    it when no kernel ran (``idle_s``), and the longest gaps [µs, kernel before, kernel after].
+    Idle inside the span is the GPU waiting for the host (launch overhead, a synchronization),
+    which the kernel sums do not see; the block time (``do_bench``) includes it."""
+    from torch.autograd import DeviceType
+
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
+                     if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    if not kernels:
+        return {}
+    gaps, reach, last = [], kernels[0][1], kernels[0][2]
+    for start, end, name in kernels[1:]:
+        if start > reach:
+            gaps.append([round(start - reach, 1), last[:60], name[:60]])
+        if end > reach:
+            reach, last = end, name
+    span = reach - kernels[0][0]
+    idle = sum(g[0] for g in gaps)
+    return {"span_s": span * 1e-6 / 2, "idle_s": idle * 1e-6 / 2, "gaps": len(gaps) / 2,
+            "longest_gaps": sorted(gaps, key=lambda g: -g[0])[:top]}
+
+
+def synchronizations(call, shown=5) -> dict:
+    """Host-device synchronizations one call (two blocks) makes, as PyTorch's sync debug mode
+    reports them: their count and the first messages (with the line that made each)."""
+    import warnings
+
+    call()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            call()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    found = [w for w in caught if "synchroniz" in str(w.message)]
+    return {"count": len(found), "first": [f"{w.filename}:{w.lineno}: {str(w.message)[:120]}" for w in found[:shown]]}
+
+
+def graph_replay_time(call, bench) -> float:
+    """One call captured in a CUDA graph and replayed: its time without host launch overhead."""
+    for _ in range(2):
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    torch.cuda.synchronize()
+    return bench(graph.replay)
 
 
 def cpu_bench(fn, repeats=3):
@@ -258,7 +317,12 @@ def main(argv=None):
     ap.add_argument("--model", choices=list(MODELS), default="14b")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--ncu", action="store_true", help="also measure HBM bytes per mode with Nsight Compute")
-    ap.add_argument("--profile", action="store_true", help="record each mode's top kernels (torch.profiler)")
+    ap.add_argument("--profile", action="store_true",
+                    help="record each mode's top kernels and the GPU's idle time in a call (torch.profiler)")
+    ap.add_argument("--sync-debug", action="store_true",
+                    help="count the host-device synchronizations of one call (torch.cuda sync debug mode)")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="also time one call captured in a CUDA graph and replayed (block_graph_s)")
     ap.add_argument("--ncu-timeout", type=int, default=240)
     ap.add_argument("--ncu-child", choices=list(MODES), help="(internal) one profiled forward of this mode")
     args = ap.parse_args(argv)
@@ -316,9 +380,18 @@ def main(argv=None):
                     # what one call adds on top of what is resident (every mode's weights, inputs)
                     entry["activation_peak_gb"] = (torch.cuda.max_memory_allocated() - resident) / 1e9
                     if args.profile:
-                        rows = top_kernels(lambda: fn(*inputs), count=None)
+                        timeline = {}
+                        rows = top_kernels(lambda: fn(*inputs), count=None, timeline=timeline)
                         entry["top_kernels"] = rows[:25]
                         entry.update(kernel_split(rows))
+                        entry["timeline"] = timeline
+                    if args.sync_debug:
+                        entry["synchronizations"] = synchronizations(lambda: fn(*inputs))
+                    if args.cuda_graph:
+                        try:
+                            entry["block_graph_s"] = graph_replay_time(lambda: fn(*inputs), bench) / 2
+                        except Exception as exc:  # a capture-unsafe op: recorded, the rest still runs
+                            entry["block_graph_s"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             if MODES[mode] and MODES[mode].get("attention") == "int8":
                 res.setdefault("quantized_attention_s", attention_time(config, tokens, text, device, bench, True))
                 entry["non_attention_s"] = entry["block_s"] - res["quantized_attention_s"]

@@ -122,3 +122,24 @@ def test_ncu_csv_is_summed_per_block_with_attention_apart():
     assert got == {"read": 2.0e9, "written": (100e6 + 4000) / 2, "attention_read": 1.25e9,
                    "attention_written": 50e6, "kernels_per_block": 1.0}
     assert block.parse_ncu_csv("no metrics here") is None
+
+
+def test_gpu_idle_counts_the_gaps_between_kernels_per_block():
+    """Overlapping kernels leave no gap; a gap is measured from the latest end so far."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    block = benchmark("block")
+
+    def kernel(name, start, end, device=DeviceType.CUDA):
+        return SimpleNamespace(name=name, device_type=device, time_range=SimpleNamespace(start=start, end=end))
+
+    events = [kernel("a", 0, 100), kernel("b", 50, 80),  # b inside a: no gap
+              kernel("c", 130, 200),  # 30 µs after a's end
+              kernel("host", 200, 900, DeviceType.CPU),  # host events do not count
+              kernel("d", 210, 300)]  # 10 µs
+    got = block.gpu_idle(events)
+    assert got["span_s"] == pytest.approx(150e-6) and got["idle_s"] == pytest.approx(20e-6) and got["gaps"] == 1.0
+    assert got["longest_gaps"] == [[30.0, "a", "c"], [10.0, "c", "d"]]
+    assert block.gpu_idle([]) == {}

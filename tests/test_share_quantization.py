@@ -104,8 +104,9 @@ def test_the_op_computes_the_spec_only_when_a_reader_takes_its_precision_on_the_
     op(x, slots, [0, 1])  # no kernels: every reader runs the reference on x
     assert calls == [fp8]
     monkeypatch.undo()
-    # (finite input: opcheck compares outputs without NaN == NaN)
-    torch.library.opcheck(op._opoverload, (torch.randn(2, 9, 48, generator=g), slots, [1]))
+    # (finite input: opcheck compares outputs without NaN == NaN; on x's device, where the kernels
+    # write the codes: unwritten ones would differ between opcheck's calls)
+    torch.library.opcheck(op._opoverload, (torch.randn(2, 9, 48, generator=g).to(x.device), slots, [1]))
 
 
 def test_a_gemm_takes_only_codes_of_its_own_precision():
