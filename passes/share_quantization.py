@@ -13,7 +13,9 @@ within each block, never across blocks, which the block cache may skip), all unr
 ``sixbit::shared_int8_quantization(x, precision_slots, slots)`` is inserted after x, returning
 x's per-token INT8 codes and scales, and each of those GEMMs gets them as its ``x_codes`` /
 ``x_scales`` keyword arguments. With ``activation="fp8"`` the op is
-``sixbit::shared_fp8_quantization`` (per-token e4m3 codes, as uint8 bits) instead.
+``sixbit::shared_fp8_quantization`` (per-token e4m3 codes, as uint8 bits) instead. (A model
+switched to the other tier at run time, ``set_activation``, stays correct: its GEMMs then find
+no codes of their precision and quantize x themselves.)
 
 Why: a Wan block's self-attention q, k and v (a CogVideoX / HunyuanVideo block's too) read one
 normed, modulated activation, and each quantized it again: at W-14B's width three reads of a

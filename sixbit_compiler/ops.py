@@ -213,9 +213,6 @@ def any_reads(precision_slots: torch.Tensor, slots: list[int], precision: Precis
     return any(Precision(int(precision_slots[s])) == precision for s in slots)
 
 
-def any_reads_int8(precision_slots: torch.Tensor, slots: list[int]) -> bool:
-    return any_reads(precision_slots, slots, Precision.INT8)
-
 
 @torch.library.custom_op("sixbit::region_kernel_int8", mutates_args=())
 def region_kernel_int8(
@@ -230,7 +227,7 @@ def region_kernel_int8(
     from .codegen.rows import REGISTRY as ROW_KERNELS, run_quantizing_rows
 
     kernel = REGISTRY[key]
-    if any_reads_int8(precision_slots, slots):
+    if any_reads(precision_slots, slots, Precision.INT8):
         return run_quantizing_rows(ROW_KERNELS[kernel.int8_key], *inputs)
     out = run_pointwise(kernel, *inputs)
     return (out, out.new_empty(out.shape, dtype=torch.int8),

@@ -172,3 +172,22 @@ def test_the_pass_is_switched_off_by_name_and_listed_in_the_dump(tmp_path):
     (on,), (off,) = (tmp_path / "on").iterdir(), (tmp_path / "off").iterdir()
     assert "`share_quantization` | ran" in (on / "index.md").read_text()
     assert "`share_quantization` | disabled" in (off / "index.md").read_text()
+
+
+def test_a_model_switched_to_the_other_tier_at_run_time_stays_exact(monkeypatch):
+    """Compiled with INT8 codes shared, switched to FP8 (``set_activation``): the FP8 GEMMs find
+    no codes of their precision and quantize x themselves, as an FP8 compile without sharing does."""
+    import sixbit_compiler
+    import sixbit_compiler.ops as ops
+
+    monkeypatch.setattr(ops, "linear_kernels_run_on", ops.generated_kernels_run_on)
+    torch._dynamo.reset()
+    model = torch.compile(tiny_wan(num_layers=2), backend="sixbit", options={"activation": "int8"})
+    with torch.no_grad():
+        model(**wan_inputs())  # compiles (the runtime exists from the first call)
+        sixbit_compiler.set_activation(model, "fp8")
+        switched = [model(**wan_inputs())[0] for _ in range(2)]
+    fp8 = compiled_outputs({"activation": "fp8", "passes": {"share_quantization": False}})
+    int8 = compiled_outputs({"activation": "int8"})
+    for a, b, c in zip(switched, fp8, int8):
+        assert torch.equal(a, b) and not torch.equal(a, c)
