@@ -213,7 +213,6 @@ def any_reads(precision_slots: torch.Tensor, slots: list[int], precision: Precis
     return any(Precision(int(precision_slots[s])) == precision for s in slots)
 
 
-
 @torch.library.custom_op("sixbit::region_kernel_int8", mutates_args=())
 def region_kernel_int8(
     key: str, inputs: list[torch.Tensor], precision_slots: torch.Tensor, slots: list[int]

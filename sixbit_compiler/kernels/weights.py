@@ -50,6 +50,15 @@ def _block_peaks(packed_ptr, scales_ptr, rows, k0, N, KP, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
+def _row_max_step(w, amax, has_nan, lim):
+    """(amax, has_nan) per row updated with the values w [R, C]: max |w| saturated at ``lim``
+    with NaN as 0, and whether a NaN was seen (the two first-pass loops differ only in their w)."""
+    isnan = is_nan(w)
+    amax = tl.maximum(amax, tl.max(tl.where(isnan, 0.0, tl.minimum(tl.abs(w), lim)), axis=1))
+    return amax, tl.maximum(has_nan, tl.max(isnan.to(tl.int32), axis=1))
+
+
+@triton.jit
 def _decode_kernel(
     packed_ptr, scales_ptr, ts_ptr, out_ptr, ch_scale_ptr, N, KP,
     TO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HW_CVT: tl.constexpr,
@@ -69,15 +78,11 @@ def _decode_kernel(
         if (ts == float("inf")) | (ts == float("-inf")):  # each zero code is then NaN (0 · inf): every weight
             for k0 in range(0, KP, BLOCK_K):
                 w = _decode_chunk(packed_ptr, scales_ptr, rows, k0, N, KP, BLOCK_N, BLOCK_K) * ts
-                isnan = is_nan(w)
-                amax = tl.maximum(amax, tl.max(tl.where(isnan, 0.0, tl.minimum(tl.abs(w), lim)), axis=1))
-                has_nan = tl.maximum(has_nan, tl.max(isnan.to(tl.int32), axis=1))
+                amax, has_nan = _row_max_step(w, amax, has_nan, lim)
         else:  # the row's max from each block's largest code (the same fp32 products, rounded alike)
             for k0 in range(0, KP, BLOCK_K):
                 w = _block_peaks(packed_ptr, scales_ptr, rows, k0, N, KP, BLOCK_N, BLOCK_K) * ts
-                isnan = is_nan(w)
-                amax = tl.maximum(amax, tl.max(tl.where(isnan, 0.0, tl.minimum(tl.abs(w), lim)), axis=1))
-                has_nan = tl.maximum(has_nan, tl.max(isnan.to(tl.int32), axis=1))
+                amax, has_nan = _row_max_step(w, amax, has_nan, lim)
         scale = tl.math.div_rn(amax, 127.0 if TO == 1 else 448.0)
         inv = tl.math.div_rn(1.0, tl.where(scale > 0, scale, 1.0))
         tl.store(ch_scale_ptr + rows, where_nan(has_nan > 0, scale), mask=rows < N)
